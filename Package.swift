@@ -1,0 +1,59 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let swiftSettings: [SwiftSetting] = [.enableUpcomingFeature("ExistentialAny")]
+
+let package = Package(
+    name: "swiftnbd",
+    products: [
+        .executable(name: "swiftnbd", targets: ["swiftnbd"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    ],
+    targets: [
+        // C libraries, through pkg-config.
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+        .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
+
+        // Bytes <-> NBD messages. No I/O, no Foundation.
+        .target(name: "NBDProtocol", swiftSettings: swiftSettings),
+        // The only place that calls libc for files and sockets.
+        .target(name: "CSystemShims"),
+        .target(name: "SystemIO", dependencies: ["CSystemShims"], swiftSettings: swiftSettings),
+        // What an export is: the BlockDevice protocol and the raw-file device.
+        .target(name: "BlockDevice", dependencies: ["SystemIO"], swiftSettings: swiftSettings),
+        // The qcow2 image engine. Knows nothing of NBD.
+        .target(name: "QCOW2", dependencies: ["BlockDevice", "SystemIO", "CZlib", "CZstd"],
+                swiftSettings: swiftSettings),
+        // Listener, connections, handshake and transmission.
+        .target(name: "NBDServer",
+                dependencies: ["NBDProtocol", "BlockDevice", "SystemIO",
+                               .product(name: "Logging", package: "swift-log")],
+                swiftSettings: swiftSettings),
+        // Glue between the CLI and the modules: probing, configuration, refusals.
+        .target(name: "SwiftNBDKit",
+                dependencies: ["NBDServer", "QCOW2", "BlockDevice", "SystemIO",
+                               .product(name: "Logging", package: "swift-log")],
+                swiftSettings: swiftSettings),
+        .executableTarget(name: "swiftnbd",
+                          dependencies: ["SwiftNBDKit",
+                                         .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                                         .product(name: "Logging", package: "swift-log")],
+                          swiftSettings: swiftSettings),
+
+        // Test helpers: start servers, make images with qemu-img, drive libnbd.
+        .target(name: "TestSupport", dependencies: ["CLibNBD", "SystemIO"], path: "Tests/TestSupport",
+                swiftSettings: swiftSettings),
+        .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"], swiftSettings: swiftSettings),
+        .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "BlockDevice", "TestSupport"],
+                    swiftSettings: swiftSettings),
+        .testTarget(name: "IntegrationTests",
+                    dependencies: ["TestSupport", "CLibNBD", "NBDProtocol", "SystemIO", "swiftnbd"],
+                    swiftSettings: swiftSettings),
+        .testTarget(name: "DeploymentTests", dependencies: ["TestSupport", "CLibNBD", "swiftnbd"],
+                    swiftSettings: swiftSettings),
+    ]
+)

@@ -1,0 +1,118 @@
+import SystemIO
+
+/// A raw image: the file's bytes are the disk's bytes.
+public final class RawFileDevice: BlockDevice {
+    public let file: FileHandle
+    public let size: UInt64
+    public let capabilities: DeviceCapabilities
+    private let readOnly: Bool
+
+    /// Opens `path`; throws with the reason on failure.
+    public init(path: String, readOnly: Bool) throws(DeviceError) {
+        do {
+            file = try FileHandle.open(path, mode: readOnly ? .readOnly : .readWrite)
+        } catch {
+            throw DeviceError(error, "cannot open '\(path)'")
+        }
+        do {
+            size = try file.size()
+        } catch {
+            file.close()
+            throw DeviceError(error, "cannot stat '\(path)'")
+        }
+        self.readOnly = readOnly
+        capabilities = DeviceCapabilities(canWrite: !readOnly, canTrim: !readOnly, canZero: !readOnly,
+                                          canFastZero: !readOnly)
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(DeviceError) {
+        do {
+            // A file that shrank under us reads as zeros rather than failing the client.
+            try file.read(into: buffer, at: offset, zeroFillPastEOF: true)
+        } catch {
+            throw DeviceError(error, "pread at \(offset)")
+        }
+    }
+
+    public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws(DeviceError) {
+        guard !readOnly else { throw DeviceError(.readOnly, "read-only export") }
+        do {
+            try file.write(data, at: offset)
+            if fua { try file.sync() }
+        } catch {
+            throw DeviceError(error, "pwrite at \(offset)")
+        }
+    }
+
+    public func flush() throws(DeviceError) {
+        guard !readOnly else { return }
+        do { try file.sync() } catch { throw DeviceError(error, "fdatasync") }
+    }
+
+    public func trim(at offset: UInt64, length: UInt64, fua: Bool) throws(DeviceError) {
+        guard !readOnly else { throw DeviceError(.readOnly, "read-only export") }
+        // Trim is advisory: a file system that can't punch holes just keeps the data.
+        try? file.punchHole(at: offset, length: length)
+        if fua { try flush() }
+    }
+
+    public func writeZeroes(at offset: UInt64, length: UInt64, mayDeallocate: Bool, fast: Bool,
+                            fua: Bool) throws(DeviceError) {
+        guard !readOnly else { throw DeviceError(.readOnly, "read-only export") }
+        defer { if fua { try? file.sync() } }
+        if mayDeallocate, (try? file.punchHole(at: offset, length: length)) != nil { return }
+        if (try? file.zeroRange(at: offset, length: length)) != nil { return }
+        if fast { throw DeviceError(DeviceError.Kind.notSupported, "no fast zeroing on this file system") }
+        try writeZeroBytes(at: offset, length: length)
+    }
+
+    private func writeZeroBytes(at offset: UInt64, length: UInt64) throws(DeviceError) {
+        let chunk = Int(min(length, 1 << 20))
+        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { zeros.deallocate() }
+        zeros.initializeMemory(as: UInt8.self, repeating: 0)
+        var done: UInt64 = 0
+        while done < length {
+            let n = Int(min(UInt64(chunk), length - done))
+            try write(UnsafeRawBufferPointer(rebasing: zeros[..<n]), at: offset + done, fua: false)
+            done += UInt64(n)
+        }
+    }
+
+    public func cache(at offset: UInt64, length: UInt64) throws(DeviceError) {
+        file.prefetch(at: offset, length: length)
+    }
+
+    public func extents(at offset: UInt64, length: UInt64) throws(DeviceError) -> [Extent] {
+        let end = min(offset + length, size)
+        guard offset < end else { return [] }
+        var result: [Extent] = []
+        var position = offset
+        do {
+            while position < end {
+                guard let data = try file.nextData(from: position) else {
+                    result.appendMerging(Extent(length: end - position, flags: [.hole, .zero]))
+                    break
+                }
+                if data > position {
+                    result.appendMerging(Extent(length: min(data, end) - position, flags: [.hole, .zero]))
+                    position = min(data, end)
+                    continue
+                }
+                let hole = min(try file.nextHole(from: position), end)
+                result.appendMerging(Extent(length: hole - position, flags: []))
+                position = hole
+            }
+        } catch let error where error == .notSupported {
+            return [Extent(length: end - offset, flags: [])]
+        } catch {
+            throw DeviceError(error, "lseek at \(position)")
+        }
+        return result
+    }
+
+    public func close() {
+        try? flush()
+        file.close()
+    }
+}

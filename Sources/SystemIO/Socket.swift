@@ -1,0 +1,245 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CSystemShims
+
+/// A connected or listening stream socket.
+public struct Socket: Sendable, Hashable {
+    public let rawValue: Int32
+    public init(rawValue: Int32) { self.rawValue = rawValue }
+
+    public func close() { _ = Glibc.close(rawValue) }
+
+    /// Stops both directions, waking any thread blocked in `read`.
+    public func shutdown() { _ = Glibc.shutdown(rawValue, Int32(SHUT_RDWR)) }
+
+    /// Reads up to `buffer.count` bytes; 0 means the peer closed.
+    public func readSome(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
+        try retryingEINTR { Glibc.recv(rawValue, buffer.baseAddress, buffer.count, 0) }
+    }
+
+    /// Sends every byte of every buffer, in order, with as few syscalls as the kernel allows.
+    public func writeAll(_ buffers: [UnsafeRawBufferPointer]) throws(Errno) {
+        var vecs = buffers.filter { $0.count > 0 }.map {
+            iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count)
+        }
+        var first = 0
+        while first < vecs.count {
+            let sent = try vecs.withUnsafeMutableBufferPointer { (v) throws(Errno) -> Int in
+                var header = msghdr()
+                header.msg_iov = v.baseAddress! + first
+                header.msg_iovlen = v.count - first
+                return try retryingEINTR { sendmsg(rawValue, &header, Int32(MSG_NOSIGNAL)) }
+            }
+            var left = sent
+            while first < vecs.count, left >= vecs[first].iov_len {
+                left -= vecs[first].iov_len
+                first += 1
+            }
+            if left > 0 {
+                vecs[first].iov_base += left
+                vecs[first].iov_len -= left
+            }
+        }
+    }
+
+    public func writeAll(_ buffer: UnsafeRawBufferPointer) throws(Errno) {
+        try writeAll([buffer])
+    }
+
+    /// Bounds how long a blocking read may wait; nil waits forever.
+    public func setReceiveTimeout(seconds: Double?) {
+        var tv = timeval()
+        if let seconds {
+            tv.tv_sec = Int(seconds)
+            tv.tv_usec = Int((seconds - Double(Int(seconds))) * 1_000_000)
+        }
+        _ = setsockopt(rawValue, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    public func setNoDelay() {
+        var one: Int32 = 1
+        _ = setsockopt(rawValue, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    public func setNonBlocking(_ on: Bool) {
+        let flags = fcntl(rawValue, F_GETFL)
+        _ = fcntl(rawValue, F_SETFL, on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK)
+    }
+
+    /// Accepts one pending connection; nil when none is waiting on a non-blocking socket.
+    public func accept() throws(Errno) -> (Socket, String)? {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let fd = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                cshim_accept_cloexec(rawValue, $0, &length)
+            }
+        }
+        if fd < 0 {
+            if errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ECONNABORTED { return nil }
+            throw Errno.current
+        }
+        return (Socket(rawValue: fd), Self.describe(&storage))
+    }
+
+    /// The local port of a bound TCP socket.
+    public func localPort() -> Int? {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let r = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(rawValue, $0, &length) }
+        }
+        guard r == 0 else { return nil }
+        switch Int32(storage.ss_family) {
+        case AF_INET:
+            return withUnsafePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { Int(UInt16(bigEndian: $0.pointee.sin_port)) }
+            }
+        case AF_INET6:
+            return withUnsafePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { Int(UInt16(bigEndian: $0.pointee.sin6_port)) }
+            }
+        default: return nil
+        }
+    }
+
+    /// Whether this descriptor is a listening stream socket (for sockets passed by systemd).
+    public var isListeningStream: Bool {
+        var value: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        guard getsockopt(rawValue, SOL_SOCKET, SO_ACCEPTCONN, &value, &length) == 0 else { return false }
+        return value != 0
+    }
+
+    static func describe(_ storage: inout sockaddr_storage) -> String {
+        switch Int32(storage.ss_family) {
+        case AF_INET:
+            return withUnsafePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { sin in
+                    var addr = sin.pointee.sin_addr
+                    var text = [CChar](repeating: 0, count: Int(INET_ADDRSTRLEN))
+                    inet_ntop(AF_INET, &addr, &text, socklen_t(text.count))
+                    return "\(String(cString: text)):\(UInt16(bigEndian: sin.pointee.sin_port))"
+                }
+            }
+        case AF_INET6:
+            return withUnsafePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { sin in
+                    var addr = sin.pointee.sin6_addr
+                    var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
+                    inet_ntop(AF_INET6, &addr, &text, socklen_t(text.count))
+                    return "[\(String(cString: text))]:\(UInt16(bigEndian: sin.pointee.sin6_port))"
+                }
+            }
+        case AF_UNIX: return "unix"
+        default: return "unknown"
+        }
+    }
+
+    // MARK: - Listening
+
+    /// Binds and listens on every address `host` resolves to (TCP).
+    public static func listenTCP(host: String, port: Int, backlog: Int32 = 128) throws(Errno) -> [Socket] {
+        var hints = addrinfo()
+        hints.ai_family = AF_UNSPEC
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV
+        var result: UnsafeMutablePointer<addrinfo>?
+        let status = getaddrinfo(host.isEmpty ? nil : host, String(port), &hints, &result)
+        guard status == 0, let first = result else { throw Errno(EADDRNOTAVAIL) }
+        defer { freeaddrinfo(first) }
+        var sockets: [Socket] = []
+        var lastError = Errno(EADDRNOTAVAIL)
+        var boundPort = port
+        var node: UnsafeMutablePointer<addrinfo>? = first
+        while let info = node {
+            node = info.pointee.ai_next
+            let fd = cshim_stream_socket(info.pointee.ai_family)
+            guard fd >= 0 else { lastError = .current; continue }
+            var one: Int32 = 1
+            _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+            if info.pointee.ai_family == AF_INET6 {
+                _ = setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &one, socklen_t(MemoryLayout<Int32>.size))
+            }
+            // With port 0, every address family must share the port the first one got.
+            if boundPort != port, let addr = info.pointee.ai_addr {
+                setPort(addr, boundPort)
+            }
+            if bind(fd, info.pointee.ai_addr, info.pointee.ai_addrlen) != 0 || Glibc.listen(fd, backlog) != 0 {
+                lastError = .current
+                _ = Glibc.close(fd)
+                continue
+            }
+            let socket = Socket(rawValue: fd)
+            if port == 0, let p = socket.localPort() { boundPort = p }
+            sockets.append(socket)
+        }
+        if sockets.isEmpty { throw lastError }
+        return sockets
+    }
+
+    private static func setPort(_ addr: UnsafeMutablePointer<sockaddr>, _ port: Int) {
+        switch Int32(addr.pointee.sa_family) {
+        case AF_INET:
+            addr.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee.sin_port = UInt16(port).bigEndian }
+        case AF_INET6:
+            addr.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee.sin6_port = UInt16(port).bigEndian }
+        default: break
+        }
+    }
+
+    /// Binds and listens on a Unix socket path, replacing a stale socket file.
+    public static func listenUnix(path: String, backlog: Int32 = 128) throws(Errno) -> Socket {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let capacity = MemoryLayout.size(ofValue: addr.sun_path)
+        let bytes = Array(path.utf8)
+        guard bytes.count < capacity else { throw Errno(ENAMETOOLONG) }
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        let fd = try retryingEINTR { cshim_stream_socket(AF_UNIX) }
+        unlink(path)
+        let r = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
+        }
+        if r != 0 || Glibc.listen(fd, backlog) != 0 {
+            let error = Errno.current
+            _ = Glibc.close(fd)
+            throw error
+        }
+        return Socket(rawValue: fd)
+    }
+
+    // MARK: - Connecting (used by tests and tools)
+
+    public static func connectTCP(host: String, port: Int) throws(Errno) -> Socket {
+        var hints = addrinfo()
+        hints.ai_family = AF_UNSPEC
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var result: UnsafeMutablePointer<addrinfo>?
+        guard getaddrinfo(host, String(port), &hints, &result) == 0, let first = result else {
+            throw Errno(EADDRNOTAVAIL)
+        }
+        defer { freeaddrinfo(first) }
+        var lastError = Errno(ECONNREFUSED)
+        var node: UnsafeMutablePointer<addrinfo>? = first
+        while let info = node {
+            node = info.pointee.ai_next
+            let fd = cshim_stream_socket(info.pointee.ai_family)
+            guard fd >= 0 else { lastError = .current; continue }
+            if Glibc.connect(fd, info.pointee.ai_addr, info.pointee.ai_addrlen) == 0 {
+                return Socket(rawValue: fd)
+            }
+            lastError = .current
+            _ = Glibc.close(fd)
+        }
+        throw lastError
+    }
+}
