@@ -27,7 +27,7 @@ public struct DeviceError: Error, Sendable, Equatable, CustomStringConvertible {
     }
 
     /// Maps a system error from an operation named `what`.
-    public init(_ errno: Errno, _ what: String) {
+    public init(errno: Errno, _ what: String) {
         switch errno {
         case .noSpace, Errno(28): kind = .noSpace
         case .permission, Errno(30): kind = .readOnly  // EROFS

@@ -12,13 +12,13 @@ public final class RawFileDevice: BlockDevice {
         do {
             file = try FileHandle.open(path, mode: readOnly ? .readOnly : .readWrite)
         } catch {
-            throw DeviceError(error, "cannot open '\(path)'")
+            throw DeviceError(errno: error, "cannot open '\(path)'")
         }
         do {
             size = try file.size()
         } catch {
             file.close()
-            throw DeviceError(error, "cannot stat '\(path)'")
+            throw DeviceError(errno: error, "cannot stat '\(path)'")
         }
         self.readOnly = readOnly
         capabilities = DeviceCapabilities(canWrite: !readOnly, canTrim: !readOnly, canZero: !readOnly,
@@ -30,7 +30,7 @@ public final class RawFileDevice: BlockDevice {
             // A file that shrank under us reads as zeros rather than failing the client.
             try file.read(into: buffer, at: offset, zeroFillPastEOF: true)
         } catch {
-            throw DeviceError(error, "pread at \(offset)")
+            throw DeviceError(errno: error, "pread at \(offset)")
         }
     }
 
@@ -40,13 +40,13 @@ public final class RawFileDevice: BlockDevice {
             try file.write(data, at: offset)
             if fua { try file.sync() }
         } catch {
-            throw DeviceError(error, "pwrite at \(offset)")
+            throw DeviceError(errno: error, "pwrite at \(offset)")
         }
     }
 
     public func flush() throws(DeviceError) {
         guard !readOnly else { return }
-        do { try file.sync() } catch { throw DeviceError(error, "fdatasync") }
+        do { try file.sync() } catch { throw DeviceError(errno: error, "fdatasync") }
     }
 
     public func trim(at offset: UInt64, length: UInt64, fua: Bool) throws(DeviceError) {
@@ -62,7 +62,7 @@ public final class RawFileDevice: BlockDevice {
         defer { if fua { try? file.sync() } }
         if mayDeallocate, (try? file.punchHole(at: offset, length: length)) != nil { return }
         if (try? file.zeroRange(at: offset, length: length)) != nil { return }
-        if fast { throw DeviceError(DeviceError.Kind.notSupported, "no fast zeroing on this file system") }
+        if fast { throw DeviceError(.notSupported, "no fast zeroing on this file system") }
         try writeZeroBytes(at: offset, length: length)
     }
 
@@ -106,7 +106,7 @@ public final class RawFileDevice: BlockDevice {
         } catch let error where error == .notSupported {
             return [Extent(length: end - offset, flags: [])]
         } catch {
-            throw DeviceError(error, "lseek at \(position)")
+            throw DeviceError(errno: error, "lseek at \(position)")
         }
         return result
     }

@@ -1,1 +1,18 @@
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <unistd.h>
+#include <linux/falloc.h>
 #include "CSystemShims.h"
+
+off_t cshim_seek_data(int fd, off_t offset) { return lseek(fd, offset, SEEK_DATA); }
+off_t cshim_seek_hole(int fd, off_t offset) { return lseek(fd, offset, SEEK_HOLE); }
+int cshim_punch_hole(int fd, off_t offset, off_t length) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+}
+int cshim_zero_range(int fd, off_t offset, off_t length) {
+    return fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
+}
+int cshim_accept_cloexec(int fd, struct sockaddr *addr, socklen_t *len) {
+    return accept4(fd, addr, len, SOCK_CLOEXEC);
+}
+int cshim_stream_socket(int family) { return socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0); }

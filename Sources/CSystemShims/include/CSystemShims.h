@@ -1,24 +1,12 @@
-// GNU extensions Glibc's Swift overlay doesn't expose: SEEK_DATA/SEEK_HOLE and fallocate flags.
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
-#include <fcntl.h>
-#include <unistd.h>
-#include <linux/falloc.h>
-
-static inline off_t cshim_seek_data(int fd, off_t offset) { return lseek(fd, offset, SEEK_DATA); }
-static inline off_t cshim_seek_hole(int fd, off_t offset) { return lseek(fd, offset, SEEK_HOLE); }
-static inline int cshim_punch_hole(int fd, off_t offset, off_t length) {
-    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
-}
-static inline int cshim_zero_range(int fd, off_t offset, off_t length) {
-    return fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
-}
-
+// GNU extensions the Glibc Swift overlay doesn't expose (SEEK_DATA/SEEK_HOLE,
+// fallocate modes, accept4). Implemented in shims.c, which is compiled with
+// _GNU_SOURCE so this header stays compatible with the Glibc module.
+#include <sys/types.h>
 #include <sys/socket.h>
-static inline int cshim_accept_cloexec(int fd, struct sockaddr *addr, socklen_t *len) {
-    return accept4(fd, addr, len, SOCK_CLOEXEC);
-}
-static inline int cshim_stream_socket(int family) {
-    return socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-}
+
+off_t cshim_seek_data(int fd, off_t offset);
+off_t cshim_seek_hole(int fd, off_t offset);
+int cshim_punch_hole(int fd, off_t offset, off_t length);
+int cshim_zero_range(int fd, off_t offset, off_t length);
+int cshim_accept_cloexec(int fd, struct sockaddr *addr, socklen_t *len);
+int cshim_stream_socket(int family);

@@ -1,0 +1,167 @@
+import BlockDevice
+import NBDProtocol
+
+/// What the client and server agreed on during negotiation.
+public struct Session: Sendable, Equatable {
+    public var structuredReplies = false
+    /// Contexts selected by the last NBD_OPT_SET_META_CONTEXT for the export.
+    public var metaContexts: [MetaContext] = []
+    public var flags: TransmissionFlags = []
+}
+
+/// The fixed newstyle option haggling, as a pure state machine: the
+/// connection feeds it each option and performs the action it returns.
+public struct Negotiation {
+    public enum Action: Equatable {
+        /// Send these replies and wait for the next option.
+        case reply([OptionReply])
+        /// Send the replies (NBD_OPT_GO), then enter transmission.
+        case transmit([OptionReply], Session)
+        /// Send these raw bytes (NBD_OPT_EXPORT_NAME), then enter transmission.
+        case transmitAfterExportName([UInt8], Session)
+        /// Send the replies, if any, then close the connection.
+        case close([OptionReply], reason: String)
+    }
+
+    let export: Export
+    let noZeroes: Bool
+    private(set) var session = Session()
+    private var metaContextsFor: String?
+    private var optionCount = 0
+
+    public init(export: Export, clientFlags: ClientFlags) {
+        self.export = export
+        noZeroes = clientFlags.contains(.noZeroes)
+    }
+
+    /// Checks the client's flags, which come right after the greeting.
+    public static func validate(clientFlags raw: UInt32) -> String? {
+        let flags = ClientFlags(rawValue: raw)
+        guard ClientFlags.known.isSuperset(of: flags) else { return "unknown client flags 0x\(String(raw, radix: 16))" }
+        guard flags.contains(.fixedNewstyle) else { return "client does not speak fixed newstyle" }
+        return nil
+    }
+
+    public mutating func received(_ option: OptionCode, payload: UnsafeRawBufferPointer) -> Action {
+        optionCount += 1
+        guard optionCount <= Limits.maxOptions else {
+            return .close([], reason: "more than \(Limits.maxOptions) options")
+        }
+        switch option {
+        case .exportName: return exportName(payload)
+        case .abort: return .close([.ack(option)], reason: "client sent NBD_OPT_ABORT")
+        case .list: return list(payload)
+        case .info, .go: return infoOrGo(option, payload)
+        case .structuredReply: return structuredReply(payload)
+        case .listMetaContext, .setMetaContext: return metaContext(option, payload)
+        default:
+            return .reply([.error(option, .errUnsupported, "\(option) is not supported")])
+        }
+    }
+
+    // MARK: - One method per option
+
+    private mutating func exportName(_ payload: UnsafeRawBufferPointer) -> Action {
+        // No error reply is possible here: a wrong name can only be a hard disconnect.
+        guard let name = String(validating: payload, as: UTF8.self), export.answers(to: name) else {
+            return .close([], reason: "client asked for an unknown export")
+        }
+        finishSession(exportName: name)
+        return .transmitAfterExportName(
+            encodeExportNameReply(size: export.device.size, flags: session.flags, noZeroes: noZeroes), session)
+    }
+
+    private func list(_ payload: UnsafeRawBufferPointer) -> Action {
+        guard payload.isEmpty else { return .reply([.error(.list, .errInvalid, "NBD_OPT_LIST takes no data")]) }
+        return .reply([.server(name: export.name, description: export.description), .ack(.list)])
+    }
+
+    private mutating func structuredReply(_ payload: UnsafeRawBufferPointer) -> Action {
+        guard payload.isEmpty else {
+            return .reply([.error(.structuredReply, .errInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data")])
+        }
+        session.structuredReplies = true
+        return .reply([.ack(.structuredReply)])
+    }
+
+    private mutating func infoOrGo(_ option: OptionCode, _ payload: UnsafeRawBufferPointer) -> Action {
+        let request: InfoRequest
+        do {
+            request = try InfoRequest.decode(payload, option: option)
+        } catch {
+            return .reply([.error(option, .errInvalid, error.description)])
+        }
+        guard export.answers(to: request.exportName) else {
+            return .reply([.error(option, .errUnknown, "export '\(request.exportName)' not available")])
+        }
+        let flags = TransmissionFlags(capabilities: export.device.capabilities, readOnly: export.readOnly,
+                                      structuredReplies: session.structuredReplies)
+        var replies: [OptionReply] = [.infoExport(option, size: export.device.size, flags: flags)]
+        // NBD_INFO_EXPORT is always sent; the others only when asked for.
+        for info in Set(request.requests.map(\.rawValue)).sorted() {
+            switch InfoType(rawValue: info) {
+            case .name: replies.append(.infoName(option, export.name))
+            case .description: replies.append(.infoDescription(option, export.description))
+            case .blockSize:
+                replies.append(.infoBlockSize(option, minimum: 1,
+                                              preferred: max(512, export.device.capabilities.preferredBlockSize),
+                                              maximum: Limits.maxPayload))
+            default: break
+            }
+        }
+        replies.append(.ack(option))
+        guard option == .go else { return .reply(replies) }
+        finishSession(exportName: request.exportName)
+        return .transmit(replies, session)
+    }
+
+    private mutating func finishSession(exportName: String) {
+        session.flags = TransmissionFlags(capabilities: export.device.capabilities, readOnly: export.readOnly,
+                                          structuredReplies: session.structuredReplies)
+        // Contexts chosen for another export name don't carry over (spec: NBD_OPT_SET_META_CONTEXT).
+        if metaContextsFor != exportName || !session.structuredReplies { session.metaContexts = [] }
+    }
+
+    private mutating func metaContext(_ option: OptionCode, _ payload: UnsafeRawBufferPointer) -> Action {
+        let request: MetaContextRequest
+        do {
+            request = try MetaContextRequest.decode(payload, option: option)
+        } catch {
+            return .reply([.error(option, .errInvalid, error.description)])
+        }
+        let setting = option == .setMetaContext
+        if setting {
+            session.metaContexts = []  // replaced even when this option fails
+            guard session.structuredReplies else {
+                return .reply([.error(option, .errInvalid, "structured replies were not negotiated")])
+            }
+        }
+        guard export.answers(to: request.exportName) else {
+            return .reply([.error(option, .errUnknown, "export '\(request.exportName)' not available")])
+        }
+        let offered = export.metaContexts
+        var matched: [MetaContext] = []
+        if request.queries.isEmpty {
+            if !setting { matched = offered }
+        } else {
+            for query in request.queries {
+                for context in offered where Self.query(query, selects: context, wildcard: !setting)
+                    && !matched.contains(context) {
+                    matched.append(context)
+                }
+            }
+        }
+        if setting {
+            session.metaContexts = matched
+            metaContextsFor = request.exportName
+        }
+        return .reply(matched.map { .metaContext(option, id: setting ? $0.rawValue : 0, name: $0.name) } + [.ack(option)])
+    }
+
+    /// Exact names select; a bare namespace ("base:") lists that namespace.
+    static func query(_ query: String, selects context: MetaContext, wildcard: Bool) -> Bool {
+        if query == context.name { return true }
+        guard wildcard, query.hasSuffix(":") else { return false }
+        return context.name.hasPrefix(query)
+    }
+}
