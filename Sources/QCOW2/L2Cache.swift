@@ -1,0 +1,75 @@
+import BlockDevice
+import Synchronization
+
+/// A bounded cache of L2 tables shared by every request thread. Tables are
+/// spread over stripes, each a small LRU behind its own lock, so requests
+/// on different tables rarely contend. No lock is held during disk I/O: on
+/// a miss the caller loads the table unlocked, and if two threads load the
+/// same table at once both copies are equal and the second insert wins.
+final class L2Cache: Sendable {
+    private struct Entry {
+        var table: L2Table
+        var lastUse: UInt64
+    }
+
+    private struct StripeState {
+        var entries: [UInt64: Entry] = [:]
+        var clock: UInt64 = 0
+    }
+
+    private final class Stripe: Sendable {
+        let state = Mutex(StripeState())
+    }
+
+    private let stripes: [Stripe]
+    private let capacityPerStripe: Int
+    private let clusterBits: Int
+
+    /// - Parameters:
+    ///   - capacityBytes: memory to spend on tables, at least one table per stripe.
+    ///   - clusterBits: log2 of the table size, to spread keys across stripes.
+    init(capacityBytes: Int, clusterBits: Int) {
+        let tables = max(1, capacityBytes >> clusterBits)
+        let stripeCount = min(16, tables)
+        stripes = (0..<stripeCount).map { _ in Stripe() }
+        capacityPerStripe = max(1, tables / stripeCount)
+        self.clusterBits = clusterBits
+    }
+
+    private func stripe(for offset: UInt64) -> Stripe {
+        stripes[Int((offset >> UInt64(clusterBits)) % UInt64(stripes.count))]
+    }
+
+    /// The table at host `offset`, loaded with `load` on a miss.
+    func table(at offset: UInt64, load: () throws(DeviceError) -> L2Table) throws(DeviceError) -> L2Table {
+        let stripe = stripe(for: offset)
+        let cached: L2Table? = stripe.state.withLock { state in
+            state.clock += 1
+            guard state.entries[offset] != nil else { return nil }
+            state.entries[offset]!.lastUse = state.clock
+            return state.entries[offset]!.table
+        }
+        if let cached { return cached }
+        let table = try load()
+        insert(table, at: offset)
+        return table
+    }
+
+    /// Stores `table` for host `offset`, evicting the least recently used
+    /// table of its stripe when full. Writers use this to publish an update.
+    func insert(_ table: L2Table, at offset: UInt64) {
+        stripe(for: offset).state.withLock { state in
+            state.clock += 1
+            if state.entries[offset] == nil, state.entries.count >= capacityPerStripe,
+               let victim = state.entries.min(by: { $0.value.lastUse < $1.value.lastUse })?.key {
+                state.entries[victim] = nil
+            }
+            state.entries[offset] = Entry(table: table, lastUse: state.clock)
+        }
+    }
+
+    /// Forgets the table at `offset` (its cluster was freed or moved).
+    func remove(at offset: UInt64) {
+        _ = stripe(for: offset).state.withLock { $0.entries.removeValue(forKey: offset) }
+    }
+}

@@ -1,0 +1,178 @@
+import BlockDevice
+import Synchronization
+import SystemIO
+
+/// A qcow2 image (versions 2 and 3) served as a block device, with its
+/// backing chain, external data file and internal snapshots.
+///
+/// Every method may be called from many threads at once. Reads share one
+/// L2 cache (`L2Cache`, lock-striped) and never hold a lock during data I/O.
+public final class QCOW2Device: BlockDevice {
+    public let size: UInt64
+    public let capabilities: DeviceCapabilities
+    /// The decoded header, as read at open.
+    public let header: QCOW2Header
+    /// The internal snapshots listed in the image.
+    public let snapshots: [QCOW2Snapshot]
+
+    let path: String
+    let file: FileHandle
+    /// Where guest clusters live: the external data file, or the image itself.
+    let dataFile: FileHandle?
+    let geometry: Geometry
+    /// The active (or selected snapshot's) L1 table, entries in host order.
+    let l1Table: [UInt64]
+    let backing: (any BlockDevice)?
+    let l2Cache: L2Cache
+    /// The image file's size, for bounds checks on metadata; refreshed on demand.
+    let imageFileSize: Atomic<UInt64>
+
+    /// Opens the qcow2 image at `path`.
+    /// - Parameters:
+    ///   - path: the image file.
+    ///   - readOnly: open without write access. (This engine only reads for now.)
+    ///   - options: cache size, snapshot selection, backing depth limit.
+    /// - Throws: `QCOW2Error` naming why the image is refused.
+    public convenience init(path: String, readOnly: Bool, options: QCOW2Options = .init()) throws(QCOW2Error) {
+        try self.init(path: path, readOnly: readOnly, options: options,
+                      chain: [BackingChain.canonical(path)])
+    }
+
+    /// - Parameter chain: canonical paths of this image and those above it, top first.
+    init(path: String, readOnly: Bool, options: QCOW2Options, chain: [String]) throws(QCOW2Error) {
+        let writable = !readOnly && options.snapshot == nil
+        let file: FileHandle
+        do throws(Errno) {
+            file = try FileHandle.open(path, mode: writable ? .readWrite : .readOnly)
+        } catch {
+            throw .cannotOpen(path: path, reason: error.description)
+        }
+        var opened: [FileHandle] = [file]
+        var backingDevice: (any BlockDevice)?
+        do throws(QCOW2Error) {
+            let fileSize = try QCOW2Device.fileSize(file)
+            let headerBytes = try QCOW2Device.readBytes(file, at: 0,
+                                                        count: Int(min(fileSize, UInt64(QCOW2Header.maximumHeaderBytes))))
+            let header = try QCOW2Header.parse(headerBytes)
+            try header.validate(fileSize: fileSize, writable: writable)
+            let geometry = Geometry(header: header)
+
+            let snapshots = try QCOW2Device.readSnapshots(file, header: header, fileSize: fileSize)
+            var l1Offset = header.l1TableOffset, l1Size = header.l1Size, size = header.size
+            if let key = options.snapshot {
+                guard let snapshot = QCOW2Snapshot.find(key, in: snapshots) else { throw .snapshotNotFound(key) }
+                try QCOW2Header.validateTable(offset: snapshot.l1TableOffset, entries: UInt64(snapshot.l1Size),
+                                              fileSize: fileSize, clusterSize: header.clusterSize,
+                                              maximumEntries: QCOW2Header.maximumL1Entries)
+                    .orThrow { QCOW2Error.invalidSnapshotTable(reason: "snapshot '\(key)' L1 table: \($0)") }
+                l1Offset = snapshot.l1TableOffset
+                l1Size = snapshot.l1Size
+                size = snapshot.diskSize ?? header.size
+                guard size <= UInt64(Int64.max) else { throw .invalidSize(size) }
+            }
+            let l1Table = try QCOW2Device.readTable(file, at: l1Offset, entries: Int(l1Size))
+
+            var dataFile: FileHandle?
+            if header.incompatibleFeatures.contains(.externalDataFile) {
+                guard let name = header.externalDataFile, !name.isEmpty else {
+                    throw .externalDataFileUnavailable(reason: "the image names no external data file")
+                }
+                let dataPath = BackingChain.resolve(name, relativeTo: path)
+                do throws(Errno) {
+                    dataFile = try FileHandle.open(dataPath, mode: writable ? .readWrite : .readOnly)
+                } catch {
+                    throw .externalDataFileUnavailable(reason: "cannot open '\(dataPath)': \(error)")
+                }
+                opened.append(dataFile!)
+            }
+
+            if let name = header.backingFile, !name.isEmpty {
+                backingDevice = try BackingChain.open(name: name, format: header.backingFormat, imagePath: path,
+                                                      chain: chain, options: options)
+            }
+
+            self.path = path
+            self.file = file
+            self.dataFile = dataFile
+            self.header = header
+            self.geometry = geometry
+            self.snapshots = snapshots
+            self.size = size
+            self.l1Table = l1Table
+            self.backing = backingDevice
+            self.l2Cache = L2Cache(capacityBytes: options.l2CacheBytes, clusterBits: geometry.clusterBits)
+            self.imageFileSize = Atomic(fileSize)
+            self.capabilities = DeviceCapabilities(canWrite: false, canFlush: false, canFUA: false, canTrim: false,
+                                                   canZero: false, canFastZero: false, canCache: true,
+                                                   canMultiConn: true,
+                                                   preferredBlockSize: UInt32(min(geometry.clusterSize, 65536)))
+        } catch {
+            backingDevice?.close()
+            for handle in opened { handle.close() }
+            throw error
+        }
+    }
+
+    public func close() {
+        backing?.close()
+        dataFile?.close()
+        file.close()
+    }
+
+    // MARK: - Writes (not yet supported: this is the read engine)
+
+    public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws(DeviceError) {
+        throw DeviceError(.readOnly, "qcow2 export is read-only")
+    }
+
+    public func flush() throws(DeviceError) {}
+
+    public func trim(at offset: UInt64, length: UInt64, fua: Bool) throws(DeviceError) {
+        throw DeviceError(.readOnly, "qcow2 export is read-only")
+    }
+
+    public func writeZeroes(at offset: UInt64, length: UInt64, mayDeallocate: Bool, fast: Bool,
+                            fua: Bool) throws(DeviceError) {
+        throw DeviceError(.readOnly, "qcow2 export is read-only")
+    }
+
+    // MARK: - Reading metadata at open
+
+    static func fileSize(_ file: FileHandle) throws(QCOW2Error) -> UInt64 {
+        do throws(Errno) { return try file.size() } catch { throw .io(reason: "fstat: \(error)") }
+    }
+
+    static func readBytes(_ file: FileHandle, at offset: UInt64, count: Int) throws(QCOW2Error) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        do throws(Errno) {
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 8)
+            defer { buffer.deallocate() }
+            try file.read(into: buffer, at: offset)
+            bytes = Array(UnsafeRawBufferPointer(buffer))
+        } catch {
+            throw .io(reason: "reading \(count) bytes at \(offset): \(error)")
+        }
+        return bytes
+    }
+
+    /// Reads a table of big-endian 64-bit entries (L1 or refcount table).
+    static func readTable(_ file: FileHandle, at offset: UInt64, entries: Int) throws(QCOW2Error) -> [UInt64] {
+        let bytes = try readBytes(file, at: offset, count: entries * 8)
+        return (0..<entries).map { ByteCursor.peek(UInt64.self, in: bytes, at: $0 * 8)! }
+    }
+
+    static func readSnapshots(_ file: FileHandle, header: QCOW2Header, fileSize: UInt64)
+        throws(QCOW2Error) -> [QCOW2Snapshot] {
+        guard header.snapshotCount > 0 else { return [] }
+        let available = Int(min(fileSize - header.snapshotsOffset, UInt64(QCOW2Snapshot.maximumTableBytes)))
+        var want = min(available, 64 << 10)
+        while true {
+            let bytes = try readBytes(file, at: header.snapshotsOffset, count: want)
+            if let table = try QCOW2Snapshot.parseTable(bytes, count: Int(header.snapshotCount)) { return table }
+            guard want < available else {
+                throw .invalidSnapshotTable(reason: "runs past the end of the file or its size limit")
+            }
+            want = min(available, want * 4)
+        }
+    }
+}
