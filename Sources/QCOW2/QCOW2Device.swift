@@ -77,11 +77,17 @@ public final class QCOW2Device: BlockDevice {
                 guard let name = header.externalDataFile, !name.isEmpty else {
                     throw .externalDataFileUnavailable(reason: "the image names no external data file")
                 }
+                // Relative names are looked up next to the image first; qemu uses
+                // its working directory, so that is tried second.
                 let dataPath = BackingChain.resolve(name, relativeTo: path)
+                let mode: FileHandle.Mode = writable ? .readWrite : .readOnly
                 do throws(Errno) {
-                    dataFile = try FileHandle.open(dataPath, mode: writable ? .readWrite : .readOnly)
+                    dataFile = try FileHandle.open(dataPath, mode: mode)
                 } catch {
-                    throw .externalDataFileUnavailable(reason: "cannot open '\(dataPath)': \(error)")
+                    guard !name.hasPrefix("/"), let handle = try? FileHandle.open(name, mode: mode) else {
+                        throw .externalDataFileUnavailable(reason: "cannot open '\(dataPath)': \(error)")
+                    }
+                    dataFile = handle
                 }
                 opened.append(dataFile!)
             }
