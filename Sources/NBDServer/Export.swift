@@ -9,14 +9,19 @@ public struct Export: Sendable {
     public var readOnly: Bool
     /// Offer the `qemu:allocation-depth` context, as `qemu-nbd -A` does.
     public var exposeAllocationDepth: Bool
+    /// Advertise NBD_FLAG_CAN_MULTI_CONN. Only worth it when the server takes
+    /// more than one client at a time: with `-e 1` a client opening several
+    /// connections (nbdcopy) would wait forever for the second (qemu-nbd does the same).
+    public var allowMultiConn: Bool
 
     public init(name: String, description: String = "", device: any BlockDevice, readOnly: Bool,
-                exposeAllocationDepth: Bool = false) {
+                exposeAllocationDepth: Bool = false, allowMultiConn: Bool = true) {
         self.name = name
         self.description = description
         self.device = device
         self.readOnly = readOnly || !device.capabilities.canWrite
         self.exposeAllocationDepth = exposeAllocationDepth
+        self.allowMultiConn = allowMultiConn
     }
 
     /// Whether a client asking for `requested` means this export. The empty
@@ -43,7 +48,7 @@ public enum MetaContext: UInt32, Sendable, CaseIterable {
 extension TransmissionFlags {
     /// The flags of an export, derived in one place from what its device can do.
     /// DF is announced only with structured replies, as the spec requires.
-    public init(capabilities c: DeviceCapabilities, readOnly: Bool, structuredReplies: Bool) {
+    public init(capabilities c: DeviceCapabilities, readOnly: Bool, multiConn: Bool = true, structuredReplies: Bool) {
         self = [.hasFlags, .sendFlush, .sendFUA, .sendCache]
         if readOnly {
             insert(.readOnly)
@@ -55,7 +60,7 @@ extension TransmissionFlags {
         if !c.canFlush { remove(.sendFlush) }
         if !c.canFUA || readOnly { remove(.sendFUA) }
         if !c.canCache { remove(.sendCache) }
-        if c.canMultiConn { insert(.canMultiConn) }
+        if c.canMultiConn && multiConn { insert(.canMultiConn) }
         if c.isRotational { insert(.rotational) }
         if structuredReplies { insert(.sendDF) }
     }

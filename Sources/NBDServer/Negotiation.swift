@@ -95,7 +95,7 @@ public struct Negotiation {
             return .reply([.error(option, .errUnknown, "export '\(request.exportName)' not available")])
         }
         let flags = TransmissionFlags(capabilities: export.device.capabilities, readOnly: export.readOnly,
-                                      structuredReplies: session.structuredReplies)
+                                      multiConn: export.allowMultiConn, structuredReplies: session.structuredReplies)
         var replies: [OptionReply] = [.infoExport(option, size: export.device.size, flags: flags)]
         // NBD_INFO_EXPORT is always sent; the others only when asked for.
         for info in Set(request.requests.map(\.rawValue)).sorted() {
@@ -117,7 +117,7 @@ public struct Negotiation {
 
     private mutating func finishSession(exportName: String) {
         session.flags = TransmissionFlags(capabilities: export.device.capabilities, readOnly: export.readOnly,
-                                          structuredReplies: session.structuredReplies)
+                                          multiConn: export.allowMultiConn, structuredReplies: session.structuredReplies)
         // Contexts chosen for another export name don't carry over (spec: NBD_OPT_SET_META_CONTEXT).
         if metaContextsFor != exportName || !session.structuredReplies { session.metaContexts = [] }
     }

@@ -15,6 +15,9 @@ public struct Socket: Sendable, Hashable {
     /// Stops both directions, waking any thread blocked in `read`.
     public func shutdown() { _ = Glibc.shutdown(rawValue, Int32(SHUT_RDWR)) }
 
+    /// Stops receiving: a thread blocked in `read` sees end of file, replies can still go out.
+    public func shutdownRead() { _ = Glibc.shutdown(rawValue, Int32(SHUT_RD)) }
+
     /// Reads up to `buffer.count` bytes; 0 means the peer closed.
     public func readSome(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
         try retryingEINTR { Glibc.recv(rawValue, buffer.baseAddress, buffer.count, 0) }
