@@ -45,9 +45,11 @@ let package = Package(
                           swiftSettings: swiftSettings),
 
         // Test helpers: start servers, make images with qemu-img, drive libnbd.
-        .target(name: "TestSupport", dependencies: ["CLibNBD", "SystemIO"], path: "Tests/TestSupport",
+        .target(name: "TestSupport", dependencies: ["CLibNBD", "SystemIO", "NBDProtocol", "BlockDevice"], path: "Tests/TestSupport",
                 swiftSettings: swiftSettings),
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"], swiftSettings: swiftSettings),
+        .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "NBDProtocol", "BlockDevice", "TestSupport"],
+                    swiftSettings: swiftSettings),
         .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "BlockDevice", "TestSupport"],
                     swiftSettings: swiftSettings),
         .testTarget(name: "IntegrationTests",
