@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Runs swiftnbd and the reference servers (qemu-nbd, nbdkit) side by side on
+the same images in one run and prints throughput and ratios.
+
+The machine is small and noisy: compare the ratios printed by one run, not
+absolute figures across runs. Each measurement is the best of --repeat runs.
+
+Usage: benchmarks/compare.py [--size-gib N] [--repeat N] [--only NAME ...]
+"""
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWIFTNBD = os.path.join(ROOT, ".build", "release", "swiftnbd")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port, proc, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not start listening")
+
+
+class Server:
+    """A server process on a loopback port, stopped by its PID."""
+
+    def __init__(self, name, argv_for_port):
+        self.name = name
+        self.port = free_port()
+        self.proc = subprocess.Popen(argv_for_port(self.port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_listening(self.port, self.proc)
+
+    @property
+    def uri(self):
+        return f"nbd://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def servers_for(image, fmt, writable=False, connections=4):
+    """Every server that can export this image, each as (name, argv builder)."""
+    ro = [] if writable else ["-r"]
+    result = [
+        ("swiftnbd", lambda p: [SWIFTNBD, "-t", "-b", "127.0.0.1", "-p", str(p), "-f", fmt,
+                                "-e", str(connections)] + ro + [image]),
+        ("qemu-nbd", lambda p: ["qemu-nbd", "-t", "-b", "127.0.0.1", "-p", str(p), "-f", fmt,
+                                "-e", str(connections), "--cache=writeback", "--aio=threads"] + ro + [image]),
+    ]
+    if fmt == "raw":
+        result.append(("nbdkit", lambda p: ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(p)]
+                       + (["-r"] if not writable else []) + ["file", image]))
+    return result
+
+
+def timed(argv):
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - start
+
+
+def run_fio(uri, rw, seconds):
+    port = uri.rsplit(":", 1)[1]
+    out = subprocess.run(
+        ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k", "--iodepth=32",
+         f"--runtime={seconds}", "--time_based", "--output-format=json", "--size=100%"],
+        check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    return job["read" if "read" in rw else "write"]["iops"]
+
+
+def report(title, unit, results):
+    """results: {server: value}; higher is better. Prints each value and its ratio to swiftnbd's."""
+    base = results.get("swiftnbd")
+    print(f"\n{title}")
+    for name, value in results.items():
+        ratio = f"swiftnbd/{name} = {base / value:.2f}" if base and name != "swiftnbd" and value else ""
+        print(f"  {name:10s} {value:12.1f} {unit}  {ratio}")
+    sys.stdout.flush()
+
+
+def make_half_random(path, size):
+    """Half incompressible data, half zeros, interleaved per MiB pair."""
+    mib = 1 << 20
+    with open(path, "wb") as f:
+        for i in range(size // mib):
+            f.write(os.urandom(mib) if i % 2 == 0 else bytes(mib))
+
+
+def bench_read(name, image, fmt, size, repeat):
+    results = {}
+    for server_name, argv in servers_for(image, fmt):
+        server = Server(server_name, argv)
+        try:
+            best = min(timed(["nbdcopy", "--no-extents", server.uri, "null:"]) for _ in range(repeat))
+            results[server_name] = size / best / (1 << 20)
+        finally:
+            server.stop()
+    report(f"{name}: nbdcopy --no-extents URI null: ({size >> 20} MiB)", "MiB/s", results)
+
+
+def bench_fio(name, image, fmt, rw, seconds, writable):
+    results = {}
+    for server_name, argv in servers_for(image, fmt, writable=writable, connections=1):
+        server = Server(server_name, argv)
+        try:
+            results[server_name] = run_fio(server.uri, rw, seconds)
+        finally:
+            server.stop()
+    report(f"{name}: fio --ioengine=nbd --rw={rw} --bs=4k --iodepth=32, {seconds}s", "IOPS", results)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size-gib", type=float, default=1.0)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--fio-seconds", type=int, default=10)
+    parser.add_argument("--only", nargs="*", default=None)
+    args = parser.parse_args()
+    if not os.path.exists(SWIFTNBD):
+        subprocess.run(["swift", "build", "-c", "release", "--product", "swiftnbd"], cwd=ROOT, check=True)
+    size = int(args.size_gib * (1 << 30)) // (1 << 20) * (1 << 20)
+    work = tempfile.mkdtemp(prefix="swiftnbd-bench.", dir="/var/tmp")
+    wanted = lambda n: args.only is None or n in args.only
+    try:
+        raw = os.path.join(work, "disk.raw")
+        make_half_random(raw, size)
+        if wanted("raw-read"):
+            bench_read("raw-read", raw, "raw", size, args.repeat)
+        if wanted("qcow2-read") or wanted("qcow2-fio"):
+            qcow = os.path.join(work, "disk.qcow2")
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow], check=True)
+            if wanted("qcow2-read"):
+                bench_read("qcow2-read", qcow, "qcow2", size, args.repeat)
+            if wanted("qcow2-fio"):
+                bench_fio("qcow2-fio", qcow, "qcow2", "randread", args.fio_seconds, False)
+        if wanted("qcow2-compressed-read"):
+            zqcow = os.path.join(work, "disk-z.qcow2")
+            subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", raw, zqcow], check=True)
+            bench_read("qcow2-compressed-read", zqcow, "qcow2", size, args.repeat)
+        if wanted("raw-fio"):
+            bench_fio("raw-fio", raw, "raw", "randread", args.fio_seconds, False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
