@@ -75,6 +75,9 @@ struct SwiftNBD: ParsableCommand {
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: Logger.Level?
 
+    @Option(name: .customLong("log-file"), help: "Log to this file instead of stderr; SIGHUP reopens it.")
+    var logFile: String?
+
     @Argument(help: "The image file.")
     var file: String
 
@@ -89,21 +92,24 @@ struct SwiftNBD: ParsableCommand {
 
     func run() throws {
         let level = logLevel ?? (verbose ? .info : .warning)
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
+        let output: LogOutput
+        do {
+            output = try LogOutput(path: logFile)
+        } catch {
+            FileHandle.standardError.write(Data("swiftnbd: \(error)\n".utf8))
+            throw ExitCode(1)
         }
+        LoggingSystem.bootstrap { label in LineLogHandler(label: label, output: output, logLevel: level) }
         let logger = Logger(label: "swiftnbd")
         do {
-            try serve(logger: logger)
+            try serve(logger: logger, logOutput: output)
         } catch let error as StartupError {
             FileHandle.standardError.write(Data("swiftnbd: \(error.description)\n".utf8))
             throw ExitCode(1)
         }
     }
 
-    private func serve(logger: Logger) throws {
+    private func serve(logger: Logger, logOutput: LogOutput) throws {
         let daemon = Daemon.current
         if fork && daemon == nil {
             // The parent only waits for the child to say it is listening.
@@ -136,10 +142,12 @@ struct SwiftNBD: ParsableCommand {
                             configuration: ServerConfiguration(maxConnections: shared, persistent: persistent,
                                                                handshakeTimeout: handshakeTimeout > 0 ? handshakeTimeout : nil),
                             logger: logger)
-        let signals = SignalHandling.install { signal in
+        let signals = SignalHandling.install(stop: { signal in
             logger.info("Stopping on signal \(signal)")
             server.stop()
-        }
+        }, reopenLog: {
+            do { try logOutput.reopen() } catch { logger.error("\(error)") }
+        })
         server.start(listeners: listeners)
         if let pidFile {
             do {

@@ -15,8 +15,9 @@ public final class ServerProcess: @unchecked Sendable {
         return URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("swiftnbd").path
     }
 
-    /// Starts `swiftnbd -b 127.0.0.1 -p 0 -v ARGS` and waits until it says which port it listens on.
-    public init(_ arguments: [String], timeout: TimeInterval = 30) throws {
+    /// Starts `swiftnbd -b 127.0.0.1 -p 0 -v ARGS` and waits until it says which port it listens on,
+    /// on stderr or, with `portFromLog`, in that log file.
+    public init(_ arguments: [String], portFromLog logFile: String? = nil, timeout: TimeInterval = 30) throws {
         process = Process()
         process.executableURL = URL(fileURLWithPath: Self.binary)
         process.arguments = ["-b", "127.0.0.1", "-p", "0", "-v"] + arguments
@@ -26,7 +27,9 @@ public final class ServerProcess: @unchecked Sendable {
         process.standardInput = FileHandle.nullDevice
         try process.run()
         stderrLines.drain(pipe.fileHandleForReading)
-        guard let line = stderrLines.waitForLine(containing: "port=", timeout: timeout),
+        let line = logFile.map { Self.waitForLine(in: $0, containing: "port=", timeout: timeout) }
+            ?? stderrLines.waitForLine(containing: "port=", timeout: timeout)
+        guard let line,
               let range = line.range(of: #"port=(\d+)"#, options: .regularExpression),
               let port = Int(line[range].dropFirst(5))
         else {
@@ -35,6 +38,18 @@ public final class ServerProcess: @unchecked Sendable {
                             stderr: stderrLines.text)
         }
         self.port = port
+    }
+
+    private static func waitForLine(in file: String, containing needle: String, timeout: TimeInterval) -> String? {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if let text = try? String(contentsOfFile: file, encoding: .utf8),
+               let line = text.split(separator: "\n").first(where: { $0.contains(needle) }) {
+                return String(line)
+            }
+            usleep(10_000)
+        }
+        return nil
     }
 
     /// Everything the server has logged so far.
