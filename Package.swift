@@ -39,7 +39,7 @@ let package = Package(
                                .product(name: "Logging", package: "swift-log")],
                 swiftSettings: swiftSettings),
         .executableTarget(name: "swiftnbd",
-                          dependencies: ["SwiftNBDKit",
+                          dependencies: ["SwiftNBDKit", "BlockDevice",
                                          .product(name: "ArgumentParser", package: "swift-argument-parser"),
                                          .product(name: "Logging", package: "swift-log")],
                           swiftSettings: swiftSettings),

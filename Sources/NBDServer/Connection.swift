@@ -331,18 +331,6 @@ final class Connection: @unchecked Sendable {
     }
 }
 
-/// True when every byte is zero; checks the head first since data rarely starts with zeros.
-func isAllZero(_ data: UnsafeRawBufferPointer) -> Bool {
-    var i = 0
-    let words = data.count / 8
-    while i < words {
-        if data.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self) != 0 { return false }
-        i += 1
-    }
-    for j in (words * 8)..<data.count where data[j] != 0 { return false }
-    return true
-}
-
 /// A request's payload, owned by exactly one request at a time.
 private struct PayloadBuffer: @unchecked Sendable {
     let bytes: UnsafeMutableRawBufferPointer?

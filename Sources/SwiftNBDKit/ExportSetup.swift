@@ -22,6 +22,10 @@ public struct ExportOptions: Sendable {
     public var l2CacheBytes: Int?
     /// Most clients at once (`-e`); multi-conn is advertised only above 1.
     public var maxConnections = 1
+    /// `-s`: writes go to a temporary overlay; the image is never modified.
+    public var temporarySnapshot = false
+    public var discard: DiscardPolicy = .ignore
+    public var detectZeroes: ZeroDetection = .off
 
     public init(path: String) { self.path = path }
 }
@@ -43,15 +47,17 @@ public enum SwiftNBDKit {
     /// Opens the image as the export's device, or explains why not.
     public static func openExport(_ options: ExportOptions) throws(StartupError) -> Export {
         let format = options.format ?? probeFormat(path: options.path)
-        let device: any BlockDevice
+        var device: any BlockDevice
         let readOnly = options.readOnly || options.loadSnapshot != nil
+        // With -s the image itself is opened read-only; the overlay takes the writes.
+        let imageReadOnly = readOnly || options.temporarySnapshot
         switch format {
         case .raw:
             guard options.loadSnapshot == nil else {
                 throw StartupError("'\(options.path)': raw images have no internal snapshots (-l needs qcow2)")
             }
             do {
-                device = try RawFileDevice(path: options.path, readOnly: readOnly)
+                device = try RawFileDevice(path: options.path, readOnly: imageReadOnly)
             } catch {
                 throw StartupError("\(error.reason)")
             }
@@ -59,10 +65,20 @@ public enum SwiftNBDKit {
             var qcowOptions = QCOW2Options(snapshot: options.loadSnapshot)
             if let bytes = options.l2CacheBytes { qcowOptions.l2CacheBytes = bytes }
             do {
-                device = try QCOW2Device(path: options.path, readOnly: readOnly, options: qcowOptions)
+                device = try QCOW2Device(path: options.path, readOnly: imageReadOnly, options: qcowOptions)
             } catch {
                 throw StartupError("'\(options.path)': \(error)")
             }
+        }
+        if options.temporarySnapshot && !readOnly {
+            do {
+                device = try SnapshotOverlayDevice(base: device)
+            } catch {
+                throw StartupError("\(error.reason)")
+            }
+        }
+        if !readOnly {
+            device = WritePolicyDevice(device, discard: options.discard, detectZeroes: options.detectZeroes)
         }
         return Export(name: options.exportName, description: options.description, device: device,
                       readOnly: readOnly, exposeAllocationDepth: options.allocationDepth,

@@ -2,6 +2,7 @@ import ArgumentParser
 import Dispatch
 import Foundation
 import Logging
+import BlockDevice
 import NBDServer
 import SwiftNBDKit
 import SystemIO
@@ -48,6 +49,16 @@ struct SwiftNBD: ParsableCommand {
     @Option(name: [.customShort("l"), .customLong("load-snapshot")],
             help: "Export this internal snapshot (name or ID), read-only.")
     var loadSnapshot: String?
+
+    @Flag(name: [.customShort("s"), .customLong("snapshot")],
+          help: "Send writes to a temporary overlay; the image is never modified.")
+    var snapshot = false
+
+    @Option(name: .customLong("discard"), help: "What trims do: ignore (default) or unmap.")
+    var discard: DiscardPolicy = .ignore
+
+    @Option(name: .customLong("detect-zeroes"), help: "Turn all-zero writes into zeroing: off (default), on or unmap.")
+    var detectZeroes: ZeroDetection = .off
 
     @Flag(name: [.customShort("A"), .customLong("allocation-depth")],
           help: "Offer the qemu:allocation-depth metadata context.")
@@ -123,6 +134,9 @@ struct SwiftNBD: ParsableCommand {
         options.description = description
         options.allocationDepth = allocationDepth
         options.maxConnections = shared
+        options.temporarySnapshot = snapshot
+        options.discard = discard
+        options.detectZeroes = detectZeroes
         let export = try SwiftNBDKit.openExport(options)
 
         let listeners: [Socket]
@@ -165,4 +179,6 @@ struct SwiftNBD: ParsableCommand {
 }
 
 extension ImageFormat: ExpressibleByArgument {}
+extension DiscardPolicy: ExpressibleByArgument {}
+extension ZeroDetection: ExpressibleByArgument {}
 extension Logger.Level: @retroactive ExpressibleByArgument {}

@@ -7,7 +7,7 @@ import Testing
 @Suite struct LibNBDTests {
     @Test func everyCommandThroughLibnbd() throws {
         let fixture = try RawFixture(size: 4 << 20)
-        let server = try ServerProcess(["-t", fixture.image])
+        let server = try ServerProcess(["-t", "--discard", "unmap", fixture.image])
         let client = try NBDClient(uri: server.uri, metaContexts: ["base:allocation"])
         #expect(client.size == Int64(fixture.size))
         #expect(client.structuredReplies)
