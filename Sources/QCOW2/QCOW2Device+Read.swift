@@ -162,8 +162,9 @@ extension QCOW2Device {
     /// data (`[]`); zero clusters are `[.hole, .zero]`, as qemu reports them
     /// without BDRV_BLOCK_DATA; unallocated ranges take the backing file's
     /// extents, and are `[.hole, .zero]` past its end or with no backing.
-    /// XXX: qemu also asks the host file whether a data cluster is a hole
-    /// and then adds `.zero`; we don't, so such clusters report plain data.
+    /// Like qemu, a data cluster whose host range is a hole in the image file
+    /// (as after preallocation=metadata) is reported `[.zero]`: data that reads
+    /// as zeros. Checked against qemu-nbd + nbdinfo --map in QemuNBDMapTests.
     public func extents(at offset: UInt64, length: UInt64) throws(DeviceError) -> [Extent] {
         let end = offset + min(length, size - min(offset, size))
         var result: [Extent] = []
@@ -171,7 +172,9 @@ extension QCOW2Device {
         while position < end && result.count < QCOW2Device.maximumExtents {
             let (mapping, runLength) = try run(at: position, limit: end - position)
             switch mapping {
-            case .data, .compressed:
+            case .data(let host):
+                try appendDataExtents(to: &result, host: host, length: runLength)
+            case .compressed:
                 result.appendMerging(Extent(length: runLength, flags: []))
             case .zero:
                 result.appendMerging(Extent(length: runLength, flags: [.hole, .zero]))
@@ -183,6 +186,40 @@ extension QCOW2Device {
             position += runLength
         }
         return result
+    }
+
+    /// Data at `host`: `[]`, or `[.zero]` where the image file has a hole.
+    /// External data files are not probed: qemu-nbd reports their clusters as plain data.
+    private func appendDataExtents(to result: inout [Extent], host: UInt64, length: UInt64) throws(DeviceError) {
+        guard dataFile == nil else {
+            result.appendMerging(Extent(length: length, flags: []))
+            return
+        }
+        let handle = file
+        var position = host
+        let end = host + length
+        while position < end {
+            let next: UInt64?
+            do throws(Errno) { next = try handle.nextData(from: position) } catch {
+                // No SEEK_DATA here (or it failed): report plain data, which is never wrong.
+                result.appendMerging(Extent(length: end - position, flags: []))
+                return
+            }
+            guard let data = next else {  // only a hole remains
+                result.appendMerging(Extent(length: end - position, flags: [.zero]))
+                return
+            }
+            if data > position {
+                let n = min(data, end) - position
+                result.appendMerging(Extent(length: n, flags: [.zero]))
+                position += n
+                continue
+            }
+            let hole = (try? handle.nextHole(from: position)) ?? end
+            let n = hole > position ? min(hole, end) - position : end - position
+            result.appendMerging(Extent(length: n, flags: []))
+            position += n
+        }
     }
 
     private func appendBackingExtents(to result: inout [Extent], at offset: UInt64, length: UInt64) throws(DeviceError) {

@@ -1,0 +1,107 @@
+import BlockDevice
+import Foundation
+@testable import QCOW2
+import TestSupport
+import Testing
+
+/// QCOW2Device's extents and allocation depth equal what qemu-nbd serves
+/// for the same image, as `nbdinfo --map` prints it (base:allocation and,
+/// with qemu-nbd -A, qemu:allocation-depth). qemu-nbd is the oracle only;
+/// no swiftnbd server is involved.
+@Suite struct QemuNBDMapTests {
+    struct Row: Equatable, CustomStringConvertible {
+        var offset: UInt64, length: UInt64, value: UInt32
+        var description: String { "\(offset)+\(length):\(value)" }
+    }
+
+    /// Runs qemu-nbd on `path` for one client and returns nbdinfo's map rows.
+    static func qemuMap(_ path: String, context: String, dir: TemporaryDirectory) throws -> [Row] {
+        let socket = dir.file("nbd-\(UUID().uuidString.prefix(8)).sock")
+        // Without -t, qemu-nbd serves one client and exits. (Not --fork: Foundation
+        // never reaps the parent of a daemon and waits forever.)
+        let server = Process()
+        server.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        server.arguments = ["qemu-nbd", "-r", "-f", "qcow2", "-k", socket]
+            + (context == "qemu:allocation-depth" ? ["-A"] : []) + [path]
+        server.standardInput = FileHandle.nullDevice
+        server.standardOutput = FileHandle.nullDevice
+        server.standardError = FileHandle.nullDevice
+        try server.run()
+        defer { if server.isRunning { server.terminate() } }
+        for _ in 0..<500 where !FileManager.default.fileExists(atPath: socket) { usleep(10_000) }
+        let out = try Tools.check("nbdinfo", ["--map=\(context)", "nbd+unix:///?socket=\(socket)"])
+        return merge(out.split(separator: "\n").map { line in
+            let f = line.split(separator: " ", omittingEmptySubsequences: true)
+            return Row(offset: UInt64(f[0])!, length: UInt64(f[1])!, value: UInt32(f[2])!)
+        })
+    }
+
+    static func merge(_ rows: [Row]) -> [Row] {
+        var out: [Row] = []
+        for r in rows where r.length > 0 {
+            if let last = out.last, last.value == r.value, last.offset + last.length == r.offset {
+                out[out.count - 1].length += r.length
+            } else {
+                out.append(r)
+            }
+        }
+        return out
+    }
+
+    static func ours(_ device: QCOW2Device, depth: Bool) throws -> [Row] {
+        var rows: [Row] = []
+        var position: UInt64 = 0
+        while position < device.size {
+            let before = position
+            if depth {
+                for e in try device.allocationDepth(at: position, length: device.size - position) {
+                    rows.append(Row(offset: position, length: e.length, value: e.depth))
+                    position += e.length
+                }
+            } else {
+                for e in try device.extents(at: position, length: device.size - position) {
+                    rows.append(Row(offset: position, length: e.length, value: e.flags.rawValue))
+                    position += e.length
+                }
+            }
+            if position == before { break }
+        }
+        return merge(rows)
+    }
+
+    static func check(_ path: String, dir: TemporaryDirectory) throws {
+        let device = try QCOW2Device(path: path, readOnly: true)
+        defer { device.close() }
+        let (a, b) = (try ours(device, depth: false), try qemuMap(path, context: "base:allocation", dir: dir))
+        #expect(a == b, "ours \(a)\nqemu \(b)")
+        #expect(try ours(device, depth: true) == qemuMap(path, context: "qemu:allocation-depth", dir: dir))
+    }
+
+    @Test func backingChain() throws {
+        let dir = try TemporaryDirectory("qcow2-nbdmap")
+        try Self.check(try ChainAndFeatureTests.makeChain(dir), dir: dir)
+    }
+
+    @Test func extendedL2Chain() throws {
+        let dir = try TemporaryDirectory("qcow2-nbdmap-ext")
+        let top = try ChainAndFeatureTests.makeChain(dir, topOptions: ["extended_l2=on"])
+        try Q.io(top, ["write -P 0xa1 8k 2k", "write -z 30k 4k", "write -c -P 3 2M 64k"])
+        try Self.check(top, dir: dir)
+    }
+
+    @Test func preallocatedMetadata() throws {
+        let dir = try TemporaryDirectory("qcow2-nbdmap-prealloc")
+        let path = dir.file("p.qcow2")
+        try Q.img(["create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", path, "1M"])
+        try Q.io(path, ["write -P 1 0 64k", "write -z 128k 64k"])
+        try Self.check(path, dir: dir)
+    }
+
+    @Test func externalDataFile() throws {
+        let dir = try TemporaryDirectory("qcow2-nbdmap-data")
+        let path = dir.file("d.qcow2")
+        try Q.img(["create", "-q", "-f", "qcow2", "-o", "data_file=\(dir.file("d.data"))", path, Q.diskSize])
+        try Q.io(path, Q.contentScript)
+        try Self.check(path, dir: dir)
+    }
+}
