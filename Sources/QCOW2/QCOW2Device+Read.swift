@@ -11,8 +11,8 @@ extension QCOW2Device {
         let l1Index = offset / g.bytesPerL2
         let within = offset % g.bytesPerL2
         let length = min(limit, g.bytesPerL2 - within)
-        guard l1Index < UInt64(l1Table.count) else { return (.unallocated, length) }
-        let l2Offset = l1Table[Int(l1Index)] & EntryBits.offsetMask
+        let l1Entry = l1Table.withLock { l1Index < UInt64($0.count) ? $0[Int(l1Index)] : 0 }
+        let l2Offset = l1Entry & EntryBits.offsetMask
         guard l2Offset != 0 else { return (.unallocated, length) }
         guard l2Offset & (g.clusterSize - 1) == 0 else {
             throw DeviceError(.io, "qcow2 metadata: L1 entry \(l1Index) points to misaligned L2 table at \(l2Offset)")
@@ -23,7 +23,7 @@ extension QCOW2Device {
         return table.run(at: within, limit: length, geometry: g)
     }
 
-    private func loadL2Table(at offset: UInt64, l1Index: UInt64) throws(DeviceError) -> L2Table {
+    func loadL2Table(at offset: UInt64, l1Index: UInt64) throws(DeviceError) -> L2Table {
         let clusterSize = geometry.clusterSize
         try requireInImage(offset, length: clusterSize, what: "L2 table for L1 entry \(l1Index)")
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(clusterSize), alignment: 8)

@@ -21,7 +21,19 @@ public final class QCOW2Device: BlockDevice {
     let dataFile: FileHandle?
     let geometry: Geometry
     /// The active (or selected snapshot's) L1 table, entries in host order.
-    let l1Table: [UInt64]
+    /// Writers replace entries under `metadataLock` and then this lock.
+    let l1Table: Mutex<[UInt64]>
+    /// Whether writes are accepted (read-write open, no snapshot selected).
+    let writable: Bool
+    /// Serialises every metadata change: L1/L2 updates, refcounts, allocation.
+    let metadataLock = Mutex(())
+    /// Refcounts and the allocator; only touched under `metadataLock`. Nil when read-only.
+    let refcounts: RefcountManager?
+    /// Host ranges being written in place outside `metadataLock`; the
+    /// allocator never hands them out, even if freed meanwhile.
+    let inFlight = Mutex<[Range<UInt64>]>([])
+    /// Set when metadata was found inconsistent while writing; writes are then refused.
+    let markedCorrupt = Atomic(false)
     let backing: (any BlockDevice)?
     let l2Cache: L2Cache
     /// The image file's size, for bounds checks on metadata; refreshed on demand.
@@ -71,6 +83,25 @@ public final class QCOW2Device: BlockDevice {
                 guard size <= UInt64(Int64.max) else { throw .invalidSize(size) }
             }
             let l1Table = try QCOW2Device.readTable(file, at: l1Offset, entries: Int(l1Size))
+            var refcounts: RefcountManager?
+            if writable {
+                // XXX: lazy refcounts are not implemented, so a dirty image (whose
+                // refcounts need rebuilding) is refused rather than repaired.
+                if header.incompatibleFeatures.contains(.dirty) {
+                    throw .unsupported(reason: "the image is dirty (lazy refcounts); run 'qemu-img check -r all' "
+                                       + "or open it read-only")
+                }
+                refcounts = try RefcountManager(file: file, header: header, fileSize: fileSize)
+                // Autoclear features we don't maintain (bitmaps) must be cleared before writing.
+                if header.version >= 3 && header.autoclearFeatures & ~QCOW2Device.maintainedAutoclear != 0 {
+                    let cleared = header.autoclearFeatures & QCOW2Device.maintainedAutoclear
+                    do throws(Errno) {
+                        try file.write(bytes: QCOW2Device.bigEndianBytes(cleared), at: 88)
+                    } catch {
+                        throw .io(reason: "clearing autoclear features: \(error)")
+                    }
+                }
+            }
 
             var dataFile: FileHandle?
             if header.incompatibleFeatures.contains(.externalDataFile) {
@@ -104,14 +135,22 @@ public final class QCOW2Device: BlockDevice {
             self.geometry = geometry
             self.snapshots = snapshots
             self.size = size
-            self.l1Table = l1Table
+            self.l1Table = Mutex(l1Table)
+            self.writable = writable
+            self.refcounts = refcounts
             self.backing = backingDevice
             self.l2Cache = L2Cache(capacityBytes: options.l2CacheBytes, clusterBits: geometry.clusterBits)
             self.imageFileSize = Atomic(fileSize)
-            self.capabilities = DeviceCapabilities(canWrite: false, canFlush: false, canFUA: false, canTrim: false,
-                                                   canZero: false, canFastZero: false, canCache: true,
-                                                   canMultiConn: true,
+            // One device object serves every connection and flush() syncs the file
+            // all of them write to, so multi-conn is safe.
+            self.capabilities = DeviceCapabilities(canWrite: writable, canFlush: writable, canFUA: writable,
+                                                   canTrim: writable, canZero: writable, canFastZero: writable,
+                                                   canCache: true, canMultiConn: true,
                                                    preferredBlockSize: UInt32(min(geometry.clusterSize, 65536)))
+            let clusterSize = geometry.clusterSize
+            refcounts?.isBusy = { [unowned self] host in
+                self.inFlight.withLock { $0.contains { $0.overlaps(host..<host + clusterSize) } }
+            }
         } catch {
             backingDevice?.close()
             for handle in opened { handle.close() }
@@ -120,26 +159,10 @@ public final class QCOW2Device: BlockDevice {
     }
 
     public func close() {
+        try? flush()
         backing?.close()
         dataFile?.close()
         file.close()
-    }
-
-    // MARK: - Writes (not yet supported: this is the read engine)
-
-    public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws(DeviceError) {
-        throw DeviceError(.readOnly, "qcow2 export is read-only")
-    }
-
-    public func flush() throws(DeviceError) {}
-
-    public func trim(at offset: UInt64, length: UInt64, fua: Bool) throws(DeviceError) {
-        throw DeviceError(.readOnly, "qcow2 export is read-only")
-    }
-
-    public func writeZeroes(at offset: UInt64, length: UInt64, mayDeallocate: Bool, fast: Bool,
-                            fua: Bool) throws(DeviceError) {
-        throw DeviceError(.readOnly, "qcow2 export is read-only")
     }
 
     // MARK: - Reading metadata at open
@@ -151,10 +174,7 @@ public final class QCOW2Device: BlockDevice {
     static func readBytes(_ file: FileHandle, at offset: UInt64, count: Int) throws(QCOW2Error) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
         do throws(Errno) {
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 8)
-            defer { buffer.deallocate() }
-            try file.read(into: buffer, at: offset)
-            bytes = Array(UnsafeRawBufferPointer(buffer))
+            bytes = try file.read(count: count, at: offset)
         } catch {
             throw .io(reason: "reading \(count) bytes at \(offset): \(error)")
         }
@@ -162,6 +182,13 @@ public final class QCOW2Device: BlockDevice {
     }
 
     /// Reads a table of big-endian 64-bit entries (L1 or refcount table).
+    /// Autoclear bits this engine keeps true while writing: only "raw external data".
+    static let maintainedAutoclear: UInt64 = 1 << 1
+
+    static func bigEndianBytes<T: FixedWidthInteger>(_ value: T) -> [UInt8] {
+        withUnsafeBytes(of: value.bigEndian) { Array($0) }
+    }
+
     static func readTable(_ file: FileHandle, at offset: UInt64, entries: Int) throws(QCOW2Error) -> [UInt64] {
         let bytes = try readBytes(file, at: offset, count: entries * 8)
         return (0..<entries).map { ByteCursor.peek(UInt64.self, in: bytes, at: $0 * 8)! }

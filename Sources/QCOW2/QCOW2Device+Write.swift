@@ -1,0 +1,385 @@
+import BlockDevice
+import Synchronization
+import SystemIO
+
+// MARK: - Requests
+
+/// Writes. Data going to clusters this image owns alone (COPIED) is written
+/// in place without holding the metadata lock, so such writes run in
+/// parallel. Anything that changes metadata (allocation, copy-on-write from
+/// a backing file, compressed or snapshot-shared cluster, zero flags, trim)
+/// runs under `metadataLock`, one cluster at a time, in the order the spec
+/// needs for crash safety: data, then refcounts, then the L2 entry, then
+/// freeing what the entry pointed to before.
+extension QCOW2Device {
+    public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws(DeviceError) {
+        try requireWritable(offset: offset, length: UInt64(data.count))
+        var position = 0
+        while position < data.count {
+            let guest = offset + UInt64(position)
+            let rest = UnsafeRawBufferPointer(rebasing: data[position...])
+            if let written = try writeInPlace(rest, at: guest) {
+                position += written
+                continue
+            }
+            let n = Int(min(UInt64(rest.count), geometry.clusterSize - (guest & (geometry.clusterSize - 1))))
+            try withMetadataLock { () throws(DeviceError) in
+                try writeCluster(UnsafeRawBufferPointer(rebasing: rest[..<n]), at: guest)
+            }
+            position += n
+        }
+        if fua { try flush() }
+    }
+
+    public func flush() throws(DeviceError) {
+        guard writable else { return }
+        do throws(Errno) {
+            try dataFile?.sync()
+            try file.sync()
+        } catch {
+            throw .system(error, "fdatasync")
+        }
+    }
+
+    /// Makes a range read as zeros: v3 images set the zero flag on whole
+    /// clusters (keeping the allocation unless `mayDeallocate`), partial
+    /// clusters and v2 images get real zeros. `fast` is refused
+    /// (`.notSupported`) unless only zero flags are needed.
+    public func writeZeroes(at offset: UInt64, length: UInt64, mayDeallocate: Bool, fast: Bool,
+                            fua: Bool) throws(DeviceError) {
+        try requireWritable(offset: offset, length: length)
+        let end = offset + length
+        let flags = canUseZeroFlag
+        if fast {
+            let cluster = geometry.clusterSize
+            guard flags, offset & (cluster - 1) == 0, end & (cluster - 1) == 0 || end == size else {
+                throw DeviceError(.notSupported, "qcow2: zeroing this range needs data writes")
+            }
+        }
+        var position = offset
+        while position < end {
+            let clusterStart = position & ~(geometry.clusterSize - 1)
+            let clusterEnd = min(clusterStart + geometry.clusterSize, size)
+            let n = min(clusterEnd, end) - position
+            let whole = position == clusterStart && position + n == clusterEnd
+            if whole && flags {
+                try withMetadataLock { () throws(DeviceError) in
+                    try zeroCluster(at: clusterStart, deallocate: mayDeallocate)
+                }
+            } else if whole && mayDeallocate && backing == nil && dataFile == nil {
+                // v2 without a backing file: an unallocated cluster reads as zeros.
+                try withMetadataLock { () throws(DeviceError) in try deallocateCluster(at: clusterStart) }
+            } else {
+                try writeZeroBytes(at: position, length: n)
+            }
+            position += n
+        }
+        if fua { try flush() }
+    }
+
+    /// Frees whole clusters in the range; partial clusters are left alone,
+    /// as trim is advisory. Where a backing file would show through, v3
+    /// images get the zero flag and v2 images keep their data.
+    public func trim(at offset: UInt64, length: UInt64, fua: Bool) throws(DeviceError) {
+        try requireWritable(offset: offset, length: length)
+        guard !header.dataFileIsRaw else { return }  // the raw data file must keep matching the disk
+        let cluster = geometry.clusterSize
+        var position = (offset + cluster - 1) & ~(cluster - 1)
+        let end = offset + length == size ? size : (offset + length) & ~(cluster - 1)
+        while position < end {
+            let clusterStart = position
+            if backing == nil {
+                try withMetadataLock { () throws(DeviceError) in try deallocateCluster(at: clusterStart) }
+            } else if canUseZeroFlag {
+                try withMetadataLock { () throws(DeviceError) in try zeroCluster(at: clusterStart, deallocate: true) }
+            }
+            position += cluster
+        }
+        if fua { try flush() }
+    }
+
+    private var canUseZeroFlag: Bool { header.version >= 3 && !header.dataFileIsRaw }
+
+    private func requireWritable(offset: UInt64, length: UInt64) throws(DeviceError) {
+        guard writable else { throw DeviceError(.readOnly, "qcow2 export is read-only") }
+        guard !markedCorrupt.load(ordering: .relaxed) else {
+            throw DeviceError(.io, "qcow2 image was marked corrupt; writes are refused")
+        }
+        guard offset <= size, length <= size - offset else {
+            throw DeviceError(.noSpace, "write of \(length) bytes at \(offset) is past the end of the disk")
+        }
+    }
+
+    private func writeZeroBytes(at offset: UInt64, length: UInt64) throws(DeviceError) {
+        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(length), alignment: 8)
+        defer { zeros.deallocate() }
+        zeros.initializeMemory(as: UInt8.self, repeating: 0)
+        try write(UnsafeRawBufferPointer(zeros), at: offset, fua: false)
+    }
+
+    /// Runs `body` under the metadata lock. Inconsistent metadata found on the
+    /// way marks the image corrupt (spec, incompatible bit 1).
+    func withMetadataLock<T>(_ body: () throws(DeviceError) -> T) throws(DeviceError) -> T {
+        do {
+            return try metadataLock.withLock { _ throws(DeviceError) in try body() }
+        } catch {
+            if error.kind == .io && error.reason.hasPrefix("qcow2 metadata") { markCorrupt() }
+            throw error
+        }
+    }
+
+    private func markCorrupt() {
+        guard !markedCorrupt.exchange(true, ordering: .relaxed), header.version >= 3 else { return }
+        let features = header.incompatibleFeatures.union(.corrupt).rawValue
+        try? writeBytes(QCOW2Device.bigEndianBytes(features), at: 72, what: "header")
+        try? file.sync()
+    }
+}
+
+// MARK: - Cluster operations (under metadataLock)
+
+extension QCOW2Device {
+    private var entryWords: Int { geometry.extendedL2 ? 2 : 1 }
+
+    /// Writes in place if `data` starts in a cluster this image owns alone and
+    /// whose touched units are allocated; returns the bytes written (over as
+    /// many host-contiguous clusters of one L2 table as qualify), or nil.
+    private func writeInPlace(_ data: UnsafeRawBufferPointer, at guest: UInt64) throws(DeviceError) -> Int? {
+        let g = geometry
+        let target: (host: UInt64, length: Int)? = try withMetadataLock { () throws(DeviceError) in
+            let l1Index = guest / g.bytesPerL2
+            let l1Entry = l1Table.withLock { l1Index < UInt64($0.count) ? $0[Int(l1Index)] : 0 }
+            let l2Offset = l1Entry & EntryBits.offsetMask
+            guard l2Offset != 0 else { return nil }
+            let table = try l2Cache.table(at: l2Offset) { () throws(DeviceError) in
+                try loadL2Table(at: l2Offset, l1Index: l1Index)
+            }
+            var index = Int((guest % g.bytesPerL2) >> UInt64(g.clusterBits))
+            var position = guest, remaining = UInt64(data.count)
+            var firstHost: UInt64?, length: UInt64 = 0
+            while remaining > 0 && index < g.l2Entries {
+                let into = position & (g.clusterSize - 1)
+                let n = min(remaining, g.clusterSize - into)
+                guard let host = ownedHost(table, index: index, from: into, length: n) else { break }
+                if let firstHost, firstHost + length != host + into { break }
+                if firstHost == nil { firstHost = host + into }
+                length += n
+                remaining -= n
+                position += n
+                index += 1
+            }
+            guard let firstHost, length > 0 else { return nil }
+            if dataFile == nil { inFlight.withLock { $0.append(firstHost..<firstHost + length) } }
+            return (firstHost, Int(length))
+        }
+        guard let target else { return nil }
+        defer {
+            if dataFile == nil {
+                inFlight.withLock { ranges in
+                    if let i = ranges.firstIndex(of: target.host..<target.host + UInt64(target.length)) {
+                        ranges.remove(at: i)
+                    }
+                }
+            }
+        }
+        try writeBytes(UnsafeRawBufferPointer(rebasing: data[..<target.length]), to: dataFile ?? file,
+                       at: target.host, what: "data")
+        return target.length
+    }
+
+    /// The host cluster of entry `index` if it is plain data owned by this
+    /// image alone with every unit in [from, from+length) allocated.
+    private func ownedHost(_ table: L2Table, index: Int, from: UInt64, length: UInt64) -> UInt64? {
+        let g = geometry
+        let entry = table.entries[index * entryWords]
+        guard entry & EntryBits.compressed == 0, entry & EntryBits.copied != 0 else { return nil }
+        let host = entry & EntryBits.offsetMask
+        guard host & (g.clusterSize - 1) == 0, host != 0 || dataFile != nil else { return nil }
+        if g.extendedL2 {
+            let bitmap = table.entries[index * 2 + 1]
+            let first = Int(from >> UInt64(g.unitBits)), last = Int((from + length - 1) >> UInt64(g.unitBits))
+            for unit in first...last where bitmap & (1 << UInt64(unit)) == 0 { return nil }
+            return host
+        }
+        return entry & EntryBits.zero == 0 ? host : nil
+    }
+
+    /// Writes `data` (within one cluster) at `guest`, allocating or copying
+    /// the cluster as needed.
+    private func writeCluster(_ data: UnsafeRawBufferPointer, at guest: UInt64) throws(DeviceError) {
+        let g = geometry
+        let clusterStart = guest & ~(g.clusterSize - 1)
+        let into = Int(guest - clusterStart)
+        let (l2Offset, index, table) = try writableL2(for: guest)
+        let old = table.entries[index * entryWords]
+        let oldHost = old & EntryBits.offsetMask
+        let compressed = old & EntryBits.compressed != 0
+        // Reuse the host cluster when this image owns it alone.
+        var host: UInt64?
+        if dataFile != nil {
+            host = clusterStart  // external data files map guest offsets one to one
+        } else if !compressed && oldHost != 0 {
+            if old & EntryBits.copied != 0 {
+                host = oldHost
+            } else if try refcounts!.refcount(of: oldHost) == 1 {
+                host = oldHost
+            }
+        }
+
+        // The whole cluster: what it reads as now (backing, compressed, zeros), with `data` over it.
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(g.clusterSize), alignment: 4096)
+        defer { buffer.deallocate() }
+        buffer.initializeMemory(as: UInt8.self, repeating: 0)
+        let valid = Int(min(g.clusterSize, size - clusterStart))
+        if !(into == 0 && data.count == valid) {
+            try read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<valid]), at: clusterStart)
+        }
+        UnsafeMutableRawBufferPointer(rebasing: buffer[into..<into + data.count]).copyMemory(from: data)
+
+        let newHost: UInt64
+        if let host { newHost = host } else { newHost = try refcounts!.allocate() }
+        try writeBytes(UnsafeRawBufferPointer(buffer), to: dataFile ?? file, at: newHost, what: "data")
+        try setL2Entry(l2Offset: l2Offset, index: index, entry: newHost | EntryBits.copied,
+                       bitmap: g.extendedL2 ? 0xFFFF_FFFF : 0)
+        if host == nil { try release(old) }
+    }
+
+    /// Sets the zero flag (or, with extended L2, every zero bit) on the
+    /// cluster at `guest`, keeping an owned host cluster unless `deallocate`.
+    private func zeroCluster(at guest: UInt64, deallocate: Bool) throws(DeviceError) {
+        let (l2Offset, index, table) = try writableL2(for: guest)
+        let old = table.entries[index * entryWords]
+        let oldHost = old & EntryBits.offsetMask
+        var keep = false
+        if !deallocate && old & EntryBits.compressed == 0 && (oldHost != 0 || dataFile != nil)
+            && old & EntryBits.copied != 0 {
+            keep = true
+        }
+        let hostBits = keep ? oldHost | EntryBits.copied : 0
+        if geometry.extendedL2 {
+            try setL2Entry(l2Offset: l2Offset, index: index, entry: hostBits, bitmap: 0xFFFF_FFFF << 32)
+        } else {
+            try setL2Entry(l2Offset: l2Offset, index: index, entry: hostBits | EntryBits.zero, bitmap: 0)
+        }
+        if !keep { try release(old) }
+    }
+
+    /// Makes the cluster at `guest` unallocated (reads from backing, or zeros).
+    private func deallocateCluster(at guest: UInt64) throws(DeviceError) {
+        let g = geometry
+        let l1Index = guest / g.bytesPerL2
+        let l1Entry = l1Table.withLock { l1Index < UInt64($0.count) ? $0[Int(l1Index)] : 0 }
+        guard l1Entry & EntryBits.offsetMask != 0 else { return }  // already unallocated
+        let (l2Offset, index, table) = try writableL2(for: guest)
+        let old = table.entries[index * entryWords]
+        guard old != 0 || (g.extendedL2 && table.entries[index * 2 + 1] != 0) else { return }
+        try setL2Entry(l2Offset: l2Offset, index: index, entry: 0, bitmap: 0)
+        try release(old)
+    }
+
+    /// Drops this image's reference to what an L2 entry pointed to.
+    private func release(_ entry: UInt64) throws(DeviceError) {
+        guard dataFile == nil, let refcounts else { return }  // data file clusters are not refcounted
+        if entry & EntryBits.compressed != 0 {
+            if case .compressed(let host, let length) = Mapping.decode(entry: entry, bitmap: 0, unit: 0,
+                                                                       geometry: geometry) {
+                try refcounts.free(host: host, length: UInt64(length))
+            }
+            return
+        }
+        let host = entry & EntryBits.offsetMask
+        if host != 0 { try refcounts.adjustRefcount(of: host, by: -1) }
+    }
+
+    /// The L2 table mapping `guest`, made writable: allocated if missing,
+    /// copied if shared with a snapshot. Returns its offset, the entry index
+    /// and the current table.
+    private func writableL2(for guest: UInt64) throws(DeviceError) -> (UInt64, Int, L2Table) {
+        let g = geometry
+        guard let refcounts else { throw DeviceError(.readOnly, "qcow2 export is read-only") }
+        let l1Index = Int(guest / g.bytesPerL2)
+        let index = Int((guest % g.bytesPerL2) >> UInt64(g.clusterBits))
+        let l1Entry = l1Table.withLock { l1Index < $0.count ? $0[l1Index] : 0 }
+        guard l1Index < l1Table.withLock({ $0.count }) else {
+            throw DeviceError(.io, "qcow2 metadata: L1 table too small for offset \(guest)")
+        }
+        var l2Offset = l1Entry & EntryBits.offsetMask
+        if l2Offset == 0 {
+            let table = L2Table(entries: [UInt64](repeating: 0, count: g.l2Entries * entryWords))
+            l2Offset = try refcounts.allocate()
+            try writeBytes([UInt8](repeating: 0, count: Int(g.clusterSize)), at: l2Offset, what: "L2 table")
+            l2Cache.insert(table, at: l2Offset)
+            try setL1Entry(l1Index, l2Offset | EntryBits.copied)
+            return (l2Offset, index, table)
+        }
+        guard l2Offset & (g.clusterSize - 1) == 0 else {
+            throw DeviceError(.io, "qcow2 metadata: L1 entry \(l1Index) points to misaligned L2 table at \(l2Offset)")
+        }
+        let table = try l2Cache.table(at: l2Offset) { () throws(DeviceError) in
+            try loadL2Table(at: l2Offset, l1Index: UInt64(l1Index))
+        }
+        if l1Entry & EntryBits.copied != 0 { return (l2Offset, index, table) }
+        if try refcounts.refcount(of: l2Offset) == 1 {
+            try setL1Entry(l1Index, l2Offset | EntryBits.copied)
+            return (l2Offset, index, table)
+        }
+        // Shared with a snapshot: copy it. Its clusters' refcounts already count
+        // both tables (a snapshot adds one to every cluster it reaches), and none
+        // is owned alone, so COPIED is cleared throughout.
+        var entries = table.entries
+        for i in stride(from: 0, to: entries.count, by: entryWords) { entries[i] &= ~EntryBits.copied }
+        let copy = L2Table(entries: entries)
+        let newOffset = try refcounts.allocate()
+        try writeBytes(copy.bytes, at: newOffset, what: "L2 table")
+        l2Cache.insert(copy, at: newOffset)
+        try setL1Entry(l1Index, newOffset | EntryBits.copied)
+        try refcounts.adjustRefcount(of: l2Offset, by: -1)
+        return (newOffset, index, copy)
+    }
+
+    private func setL1Entry(_ index: Int, _ value: UInt64) throws(DeviceError) {
+        try writeBytes(QCOW2Device.bigEndianBytes(value), at: header.l1TableOffset + UInt64(index) * 8, what: "L1 entry")
+        l1Table.withLock { $0[index] = value }
+    }
+
+    /// Replaces one L2 entry on disk and, as a new table object, in the cache.
+    private func setL2Entry(l2Offset: UInt64, index: Int, entry: UInt64, bitmap: UInt64) throws(DeviceError) {
+        let table = try l2Cache.table(at: l2Offset) { () throws(DeviceError) in
+            try loadL2Table(at: l2Offset, l1Index: 0)
+        }
+        var entries = table.entries
+        entries[index * entryWords] = entry
+        var bytes = QCOW2Device.bigEndianBytes(entry)
+        if geometry.extendedL2 {
+            entries[index * 2 + 1] = bitmap
+            bytes += QCOW2Device.bigEndianBytes(bitmap)
+        }
+        try writeBytes(bytes, at: l2Offset + UInt64(index * entryWords * 8), what: "L2 entry")
+        l2Cache.insert(L2Table(entries: entries), at: l2Offset)
+    }
+
+    func writeBytes(_ bytes: [UInt8], at offset: UInt64, what: String) throws(DeviceError) {
+        do throws(Errno) {
+            try file.write(bytes: bytes, at: offset)
+        } catch {
+            throw .system(error, "writing qcow2 \(what) at \(offset)")
+        }
+    }
+
+    func writeBytes(_ raw: UnsafeRawBufferPointer, to handle: FileHandle, at offset: UInt64,
+                    what: String) throws(DeviceError) {
+        do throws(Errno) { try handle.write(raw, at: offset) } catch {
+            throw .system(error, "writing qcow2 \(what) at \(offset)")
+        }
+    }
+}
+
+extension L2Table {
+    /// The table's on-disk bytes.
+    var bytes: [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(entries.count * 8)
+        for e in entries { out += QCOW2Device.bigEndianBytes(e) }
+        return out
+    }
+}

@@ -1,0 +1,241 @@
+import BlockDevice
+import Dispatch
+import Foundation
+@testable import QCOW2
+import Synchronization
+import TestSupport
+import Testing
+
+/// Random write, zero and trim workloads applied both to a writable
+/// QCOW2Device and to a raw model; afterwards `qemu-img compare` finds
+/// them equal and `qemu-img check` finds no errors and no leaks.
+@Suite struct WriteTests {
+    struct Kind: CustomTestStringConvertible, Sendable {
+        var name: String
+        var make: @Sendable (TemporaryDirectory) throws -> String
+        var testDescription: String { name }
+    }
+
+    static func plain(_ options: String, size: String = Q.diskSize, script: [String] = Q.contentScript)
+        -> @Sendable (TemporaryDirectory) throws -> String {
+        { dir in
+            let path = dir.file("image.qcow2")
+            try Q.img(["create", "-q", "-f", "qcow2", "-o", options, path, size])
+            try Q.io(path, script)
+            return path
+        }
+    }
+
+    static let kinds: [Kind] = [
+        Kind(name: "v3 64k", make: plain("compat=1.1")),
+        Kind(name: "v2 64k", make: plain("compat=0.10")),
+        Kind(name: "v3 512", make: plain("compat=1.1,cluster_size=512")),
+        Kind(name: "v3 2M", make: plain("compat=1.1,cluster_size=2M")),
+        Kind(name: "v3 refcount_bits=1 512", make: plain("cluster_size=512,refcount_bits=1")),
+        Kind(name: "v3 refcount_bits=2", make: plain("cluster_size=4k,refcount_bits=2")),
+        Kind(name: "v3 refcount_bits=4", make: plain("cluster_size=4k,refcount_bits=4")),
+        Kind(name: "v3 refcount_bits=8", make: plain("cluster_size=4k,refcount_bits=8")),
+        Kind(name: "v3 refcount_bits=32", make: plain("cluster_size=4k,refcount_bits=32")),
+        Kind(name: "v3 refcount_bits=64 512", make: plain("cluster_size=512,refcount_bits=64")),
+        Kind(name: "backing chain v3", make: { try ChainAndFeatureTests.makeChain($0) }),
+        Kind(name: "backing chain v2 4k", make: { try ChainAndFeatureTests.makeChain($0, compat: "0.10", cluster: 4096) }),
+        Kind(name: "extended L2 over backing", make: { dir in
+            let top = try ChainAndFeatureTests.makeChain(dir, topOptions: ["extended_l2=on"])
+            try Q.io(top, ["write -P 0xa1 8k 2k", "write -z 30k 4k"])
+            return top
+        }),
+        Kind(name: "compressed zstd", make: { dir in
+            let source = try plain("compat=1.1")(dir)
+            let path = dir.file("compressed.qcow2")
+            try Q.img(["convert", "-q", "-c", "-f", "qcow2", "-O", "qcow2", "-o", "compression_type=zstd", source, path])
+            return path
+        }),
+        Kind(name: "compressed zlib 4k", make: { dir in
+            let source = try plain("compat=1.1,cluster_size=4k")(dir)
+            let path = dir.file("compressed.qcow2")
+            try Q.img(["convert", "-q", "-c", "-f", "qcow2", "-O", "qcow2", "-o", "cluster_size=4k", source, path])
+            return path
+        }),
+        Kind(name: "external data file", make: { dir in
+            try plain("data_file=\(dir.file("image.data"))")(dir)
+        }),
+        Kind(name: "external raw data file", make: { dir in
+            try plain("data_file=\(dir.file("image.data")),data_file_raw=on")(dir)
+        }),
+        Kind(name: "preallocated metadata", make: plain("preallocation=metadata")),
+    ]
+
+    enum Op {
+        case write(UInt64, [UInt8])
+        case zero(UInt64, UInt64, mayDeallocate: Bool)
+        case trim(UInt64, UInt64)
+    }
+
+    static func randomOps(count: Int, size: UInt64, cluster: UInt64, seed: UInt64) -> [Op] {
+        var rng = FuzzTests.SeededGenerator(state: seed)
+        var ops: [Op] = []
+        for i in 0..<count {
+            // Half the ranges start on a cluster boundary, to hit the whole-cluster paths.
+            var offset = UInt64.random(in: 0..<size, using: &rng)
+            if Bool.random(using: &rng) { offset &= ~(cluster - 1) }
+            let maxLength = min(size - offset, Bool.random(using: &rng) ? 3 * cluster : 96 * 1024)
+            let length = UInt64.random(in: 1...max(1, maxLength), using: &rng)
+            switch Int.random(in: 0..<10, using: &rng) {
+            case 0...5:
+                let pattern = UInt8(truncatingIfNeeded: i &+ 1)
+                ops.append(.write(offset, (0..<Int(length)).map { pattern &+ UInt8(truncatingIfNeeded: $0 / 512) }))
+            case 6...7: ops.append(.zero(offset, length, mayDeallocate: Bool.random(using: &rng)))
+            default: ops.append(.trim(offset, length))
+            }
+        }
+        return ops
+    }
+
+    /// Applies `ops` to the device and to `model`, following the documented trim
+    /// semantics: whole clusters read as zeros afterwards unless a v2 image
+    /// would have to show its backing file (then they keep their data), and a
+    /// raw external data file ignores trim.
+    static func apply(_ ops: [Op], to device: QCOW2Device, model: inout [UInt8]) throws {
+        let cluster = device.geometry.clusterSize
+        for op in ops {
+            switch op {
+            case .write(let offset, let bytes):
+                try bytes.withUnsafeBytes { try device.write($0, at: offset, fua: false) }
+                model.replaceSubrange(Int(offset)..<Int(offset) + bytes.count, with: bytes)
+            case .zero(let offset, let length, let mayDeallocate):
+                try device.writeZeroes(at: offset, length: length, mayDeallocate: mayDeallocate, fast: false, fua: false)
+                model.replaceSubrange(Int(offset)..<Int(offset + length), with: repeatElement(0, count: Int(length)))
+            case .trim(let offset, let length):
+                try device.trim(at: offset, length: length, fua: false)
+                guard !device.header.dataFileIsRaw, device.backing == nil || device.header.version >= 3 else { continue }
+                let start = (offset + cluster - 1) & ~(cluster - 1)
+                let end = offset + length == device.size ? device.size : (offset + length) & ~(cluster - 1)
+                if start < end {
+                    model.replaceSubrange(Int(start)..<Int(end), with: repeatElement(0, count: Int(end - start)))
+                }
+            }
+        }
+    }
+
+    /// qemu-img compare against the model, then qemu-img check (exit 0: no errors, no leaks).
+    static func expectConsistent(_ path: String, model: [UInt8], dir: TemporaryDirectory,
+                                 sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let raw = dir.file("model-\(UUID().uuidString.prefix(8)).raw")
+        try Data(model).write(to: URL(fileURLWithPath: raw))
+        let compare = try Tools.run("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", path, raw])
+        #expect(compare.status == 0, "qemu-img compare: \(compare.stdout) \(compare.stderr)", sourceLocation: sourceLocation)
+        let check = try Tools.run("qemu-img", ["check", "-f", "qcow2", path])
+        #expect(check.status == 0, "qemu-img check: \(check.stdout) \(check.stderr)", sourceLocation: sourceLocation)
+    }
+
+    @Test(arguments: kinds)
+    func randomWorkload(_ kind: Kind) throws {
+        let dir = try TemporaryDirectory("qcow2-write")
+        let path = try kind.make(dir)
+        var model = try Q.qemuRaw(path, scratch: dir)
+        let device = try QCOW2Device(path: path, readOnly: false)
+        #expect(device.capabilities.canWrite && device.capabilities.canTrim && device.capabilities.canZero)
+        let ops = Self.randomOps(count: 120, size: device.size, cluster: device.geometry.clusterSize, seed: 42)
+        try Self.apply(ops, to: device, model: &model)
+        // The device reads its own writes before close.
+        try Q.expectSameContents(device, model)
+        device.close()
+        try Self.expectConsistent(path, model: model, dir: dir)
+        // And a fresh open sees the same.
+        let reopened = try QCOW2Device(path: path, readOnly: true)
+        try Q.expectSameContents(reopened, model)
+        reopened.close()
+    }
+
+    /// Writes to clusters shared with internal snapshots copy them; the snapshots keep their data.
+    @Test(arguments: ["0.10", "1.1"])
+    func snapshotSharedClusters(compat: String) throws {
+        let dir = try TemporaryDirectory("qcow2-write-snap")
+        let path = dir.file("image.qcow2")
+        try Q.img(["create", "-q", "-f", "qcow2", "-o", "compat=\(compat),cluster_size=4k", path, Q.diskSize])
+        try Q.io(path, Q.contentScript)
+        try Q.img(["snapshot", "-c", "before", path])
+        let snapshotContents = try Q.qemuRaw(path, snapshot: "before", scratch: dir)
+        var model = try Q.qemuRaw(path, scratch: dir)
+        let device = try QCOW2Device(path: path, readOnly: false)
+        try Self.apply(Self.randomOps(count: 100, size: device.size, cluster: 4096, seed: 7), to: device, model: &model)
+        device.close()
+        try Self.expectConsistent(path, model: model, dir: dir)
+        #expect(try Q.qemuRaw(path, snapshot: "before", scratch: dir) == snapshotContents)
+    }
+
+    /// 512-byte clusters with 64-bit refcounts: a refcount block covers 64
+    /// clusters and the first table cluster 4096, so 3 MiB of writes needs
+    /// dozens of new blocks and a larger refcount table.
+    @Test func refcountTableGrowth() throws {
+        let dir = try TemporaryDirectory("qcow2-refgrow")
+        let path = dir.file("image.qcow2")
+        try Q.img(["create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", path, "4M"])
+        let before = try Self.header(path)
+        var model = [UInt8](repeating: 0, count: 4 << 20)
+        let device = try QCOW2Device(path: path, readOnly: false)
+        var ops: [Op] = []
+        for i in 0..<48 { ops.append(.write(UInt64(i) * 65536, [UInt8](repeating: UInt8(i + 1), count: 65536))) }
+        try Self.apply(ops, to: device, model: &model)
+        device.close()
+        let after = try Self.header(path)
+        #expect(after.refcountTableClusters > before.refcountTableClusters)
+        try Self.expectConsistent(path, model: model, dir: dir)
+    }
+
+    static func header(_ path: String) throws -> QCOW2Header {
+        try QCOW2Header.parse(Array(try Q.fileBytes(path).prefix(65536)))
+    }
+
+    /// Threads write interleaved 4 KiB blocks of the same clusters and L2
+    /// tables, and disjoint ranges, at once.
+    @Test(arguments: ["compat=1.1", "compat=1.1,cluster_size=16k,extended_l2=on", "compat=0.10,cluster_size=4k"])
+    func concurrentWriters(_ options: String) throws {
+        let dir = try TemporaryDirectory("qcow2-write-mt")
+        let path = try Self.plain(options)(dir)
+        var model = try Q.qemuRaw(path, scratch: dir)
+        let device = try QCOW2Device(path: path, readOnly: false)
+        let threads = 4, block = 4096
+        let blocks = model.count / block
+        let failures = Mutex(0)
+        DispatchQueue.concurrentPerform(iterations: threads) { t in
+            for b in stride(from: t, to: blocks, by: threads) {
+                let bytes = [UInt8](repeating: UInt8(t * 50 + b % 50), count: block)
+                do { try bytes.withUnsafeBytes { try device.write($0, at: UInt64(b * block), fua: false) } } catch {
+                    failures.withLock { $0 += 1 }
+                }
+            }
+        }
+        for t in 0..<threads {
+            for b in stride(from: t, to: blocks, by: threads) {
+                model.replaceSubrange(b * block..<(b + 1) * block, with: repeatElement(UInt8(t * 50 + b % 50), count: block))
+            }
+        }
+        #expect(failures.withLock { $0 } == 0)
+        try Q.expectSameContents(device, model)
+        device.close()
+        try Self.expectConsistent(path, model: model, dir: dir)
+    }
+
+    @Test func fastZeroAndReadOnly() throws {
+        let dir = try TemporaryDirectory("qcow2-write-misc")
+        let v2 = try Self.plain("compat=0.10")(dir)
+        let device = try QCOW2Device(path: v2, readOnly: false)
+        let error = #expect(throws: DeviceError.self) {
+            try device.writeZeroes(at: 0, length: 65536, mayDeallocate: false, fast: true, fua: false)
+        }
+        #expect(error?.kind == .notSupported)
+        let past = #expect(throws: DeviceError.self) {
+            try [UInt8](repeating: 1, count: 10).withUnsafeBytes { try device.write($0, at: device.size - 5, fua: true) }
+        }
+        #expect(past?.kind == .noSpace)
+        device.close()
+        let readOnly = try QCOW2Device(path: v2, readOnly: true)
+        #expect(!readOnly.capabilities.canWrite)
+        let denied = #expect(throws: DeviceError.self) {
+            try [UInt8](repeating: 1, count: 10).withUnsafeBytes { try readOnly.write($0, at: 0, fua: false) }
+        }
+        #expect(denied?.kind == .readOnly)
+        readOnly.close()
+    }
+}
