@@ -140,16 +140,16 @@ struct SwiftNBD: ParsableCommand {
         let export = try SwiftNBDKit.openExport(options)
 
         let listeners: [Socket]
+        let listening: String
         if let activated = try SwiftNBDKit.activatedSockets() {
             listeners = activated
-            logger.info("Using sockets from systemd", metadata: ["nbd.count": "\(activated.count)"])
+            listening = "\(activated.count) socket(s) from systemd"
         } else if let path = socket {
             listeners = try SwiftNBDKit.listen(on: .unix(path: path))
-            logger.info("Server listening on \(path)", metadata: ["nbd.socket": "\(path)"])
+            listening = path
         } else {
             listeners = try SwiftNBDKit.listen(on: .tcp(host: bind, port: port))
-            let bound = listeners.first?.localPort() ?? port
-            logger.info("Server listening on \(bind) port=\(bound)", metadata: ["nbd.port": "\(bound)"])
+            listening = "\(bind) port=\(listeners.first?.localPort() ?? port)"
         }
 
         let server = Server(export: export,
@@ -170,6 +170,8 @@ struct SwiftNBD: ParsableCommand {
                 throw StartupError("cannot write pid file '\(pidFile)': \(error.localizedDescription)")
             }
         }
+        // Said only once signals are handled and clients are accepted, so it doubles as a readiness mark.
+        logger.info("Server listening on \(listening)")
         daemon?.reportReady(keepStderr: verbose || logLevel != nil)
         server.wait()
         withExtendedLifetime(signals) {}
