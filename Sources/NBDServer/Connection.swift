@@ -243,17 +243,17 @@ final class Connection: @unchecked Sendable {
         withUnsafeTemporaryAllocation(byteCount: 32, alignment: 8) { header in
             if !session.structuredReplies {
                 ReplyHeader.writeSimple(header, error: .ok, cookie: request.cookie)
-                sendReply([UnsafeRawBufferPointer(rebasing: header[..<ReplyHeader.simpleSize]),
-                           UnsafeRawBufferPointer(data)])
+                sendReply(UnsafeRawBufferPointer(rebasing: header[..<ReplyHeader.simpleSize]),
+                          UnsafeRawBufferPointer(data))
             } else if isAllZero(UnsafeRawBufferPointer(data)) {
                 // A hole chunk tells the client it reads as zeros, without sending them.
                 let n = ReplyHeader.writeOffsetHole(header, flags: .done, cookie: request.cookie,
                                                     offset: request.offset, holeLength: request.length)
-                sendReply([UnsafeRawBufferPointer(rebasing: header[..<n])])
+                sendReply(UnsafeRawBufferPointer(rebasing: header[..<n]), UnsafeRawBufferPointer(start: nil, count: 0))
             } else {
                 let n = ReplyHeader.writeOffsetData(header, flags: .done, cookie: request.cookie,
                                                     offset: request.offset, dataLength: request.length)
-                sendReply([UnsafeRawBufferPointer(rebasing: header[..<n]), UnsafeRawBufferPointer(data)])
+                sendReply(UnsafeRawBufferPointer(rebasing: header[..<n]), UnsafeRawBufferPointer(data))
             }
         }
     }
@@ -305,7 +305,7 @@ final class Connection: @unchecked Sendable {
     private func replySimple(cookie: UInt64, error: NBDError) {
         withUnsafeTemporaryAllocation(byteCount: ReplyHeader.simpleSize, alignment: 8) { header in
             ReplyHeader.writeSimple(header, error: error, cookie: cookie)
-            sendReply([UnsafeRawBufferPointer(header)])
+            sendReply(UnsafeRawBufferPointer(header), UnsafeRawBufferPointer(start: nil, count: 0))
         }
     }
 
@@ -322,8 +322,16 @@ final class Connection: @unchecked Sendable {
     /// Sends one whole reply; a failure means the client is gone, and the
     /// reading side will notice and end the connection.
     private func sendReply(_ buffers: [UnsafeRawBufferPointer]) {
+        sending { () throws(Errno) in try socket.writeAll(buffers) }
+    }
+
+    private func sendReply(_ header: UnsafeRawBufferPointer, _ data: UnsafeRawBufferPointer) {
+        sending { () throws(Errno) in try socket.writeAll(header, data) }
+    }
+
+    private func sending(_ write: () throws(Errno) -> Void) {
         do {
-            try sendLock.withLock { () throws(Errno) in try socket.writeAll(buffers) }
+            try sendLock.withLock(write)
         } catch {
             logger.debug("Reply not sent", metadata: ["nbd.reason": "\(error)"])
             socket.shutdown()

@@ -65,7 +65,7 @@ public final class QCOW2Device: BlockDevice {
             let fileSize = try QCOW2Device.fileSize(file)
             let headerBytes = try QCOW2Device.readBytes(file, at: 0,
                                                         count: Int(min(fileSize, UInt64(QCOW2Header.maximumHeaderBytes))))
-            let header = try QCOW2Header.parse(headerBytes)
+            var header = try QCOW2Header.parse(headerBytes)
             try header.validate(fileSize: fileSize, writable: writable)
             let geometry = Geometry(header: header)
 
@@ -82,16 +82,18 @@ public final class QCOW2Device: BlockDevice {
                 size = snapshot.diskSize ?? header.size
                 guard size <= UInt64(Int64.max) else { throw .invalidSize(size) }
             }
-            let l1Table = try QCOW2Device.readTable(file, at: l1Offset, entries: Int(l1Size))
+            var l1Table = try QCOW2Device.readTable(file, at: l1Offset, entries: Int(l1Size))
             var refcounts: RefcountManager?
             if writable {
-                // XXX: lazy refcounts are not implemented, so a dirty image (whose
-                // refcounts need rebuilding) is refused rather than repaired.
-                if header.incompatibleFeatures.contains(.dirty) {
-                    throw .unsupported(reason: "the image is dirty (lazy refcounts); run 'qemu-img check -r all' "
-                                       + "or open it read-only")
-                }
                 refcounts = try RefcountManager(file: file, header: header, fileSize: fileSize)
+                // A dirty image (lazy refcounts, not closed cleanly) has stale refcounts:
+                // rebuild them before the first write (spec, incompatible bit 0).
+                if header.incompatibleFeatures.contains(.dirty) {
+                    try RefcountRepair(file: file, header: header, geometry: geometry, fileSize: fileSize,
+                                       refcounts: refcounts!).run()
+                    header.incompatibleFeatures.remove(.dirty)
+                    l1Table = try QCOW2Device.readTable(file, at: l1Offset, entries: Int(l1Size))
+                }
                 // Autoclear features we don't maintain (bitmaps) must be cleared before writing.
                 if header.version >= 3 && header.autoclearFeatures & ~QCOW2Device.maintainedAutoclear != 0 {
                     let cleared = header.autoclearFeatures & QCOW2Device.maintainedAutoclear
@@ -196,12 +198,19 @@ public final class QCOW2Device: BlockDevice {
 
     static func readSnapshots(_ file: FileHandle, header: QCOW2Header, fileSize: UInt64)
         throws(QCOW2Error) -> [QCOW2Snapshot] {
-        guard header.snapshotCount > 0 else { return [] }
+        try readSnapshotTable(file, header: header, fileSize: fileSize).snapshots
+    }
+
+    static func readSnapshotTable(_ file: FileHandle, header: QCOW2Header, fileSize: UInt64)
+        throws(QCOW2Error) -> (snapshots: [QCOW2Snapshot], length: Int) {
+        guard header.snapshotCount > 0 else { return ([], 0) }
         let available = Int(min(fileSize - header.snapshotsOffset, UInt64(QCOW2Snapshot.maximumTableBytes)))
         var want = min(available, 64 << 10)
         while true {
             let bytes = try readBytes(file, at: header.snapshotsOffset, count: want)
-            if let table = try QCOW2Snapshot.parseTable(bytes, count: Int(header.snapshotCount)) { return table }
+            if let table = try QCOW2Snapshot.parseTableAndLength(bytes, count: Int(header.snapshotCount)) {
+                return table
+            }
             guard want < available else {
                 throw .invalidSnapshotTable(reason: "runs past the end of the file or its size limit")
             }

@@ -14,6 +14,12 @@ public struct QCOW2Snapshot: Sendable, Equatable {
     /// `bytes` ends before the last entry does (read more and try again);
     /// throws when an entry is malformed.
     public static func parseTable(_ bytes: [UInt8], count: Int) throws(QCOW2Error) -> [QCOW2Snapshot]? {
+        try parseTableAndLength(bytes, count: count)?.snapshots
+    }
+
+    /// As `parseTable`, with the table's length in bytes (padding included).
+    static func parseTableAndLength(_ bytes: [UInt8], count: Int)
+        throws(QCOW2Error) -> (snapshots: [QCOW2Snapshot], length: Int)? {
         var r = ByteCursor(bytes)
         var snapshots: [QCOW2Snapshot] = []
         for index in 0..<count {
@@ -38,7 +44,7 @@ public struct QCOW2Snapshot: Sendable, Equatable {
                                            id: String(decoding: id, as: UTF8.self),
                                            name: String(decoding: name, as: UTF8.self), diskSize: diskSize))
         }
-        return snapshots
+        return (snapshots, r.position)
     }
 
     /// The snapshot `key` names, trying IDs first and then names, as

@@ -25,18 +25,32 @@ public struct Socket: Sendable, Hashable {
 
     /// Sends every byte of every buffer, in order, with as few syscalls as the kernel allows.
     public func writeAll(_ buffers: [UnsafeRawBufferPointer]) throws(Errno) {
-        var vecs = buffers.filter { $0.count > 0 }.map {
-            iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count)
-        }
-        var first = 0
-        while first < vecs.count {
-            let sent = try vecs.withUnsafeMutableBufferPointer { (v) throws(Errno) -> Int in
-                var header = msghdr()
-                header.msg_iov = v.baseAddress! + first
-                header.msg_iovlen = v.count - first
-                return try retryingEINTR { sendmsg(rawValue, &header, Int32(MSG_NOSIGNAL)) }
+        try withUnsafeTemporaryAllocation(of: iovec.self, capacity: buffers.count) { (vecs) throws(Errno) in
+            for (i, b) in buffers.enumerated() {
+                vecs[i] = iovec(iov_base: UnsafeMutableRawPointer(mutating: b.baseAddress), iov_len: b.count)
             }
-            var left = sent
+            try sendAll(vecs)
+        }
+    }
+
+    /// A header and its data, the shape of most replies, without touching the heap.
+    public func writeAll(_ header: UnsafeRawBufferPointer, _ data: UnsafeRawBufferPointer) throws(Errno) {
+        try withUnsafeTemporaryAllocation(of: iovec.self, capacity: 2) { (vecs) throws(Errno) in
+            vecs[0] = iovec(iov_base: UnsafeMutableRawPointer(mutating: header.baseAddress), iov_len: header.count)
+            vecs[1] = iovec(iov_base: UnsafeMutableRawPointer(mutating: data.baseAddress), iov_len: data.count)
+            try sendAll(vecs)
+        }
+    }
+
+    /// Sends the iovecs completely, advancing past partial sends. The iovecs are consumed.
+    private func sendAll(_ vecs: UnsafeMutableBufferPointer<iovec>) throws(Errno) {
+        var first = 0
+        while first < vecs.count, vecs[first].iov_len == 0 { first += 1 }
+        while first < vecs.count {
+            var header = msghdr()
+            header.msg_iov = vecs.baseAddress! + first
+            header.msg_iovlen = vecs.count - first
+            var left = try retryingEINTR { sendmsg(rawValue, &header, Int32(MSG_NOSIGNAL)) }
             while first < vecs.count, left >= vecs[first].iov_len {
                 left -= vecs[first].iov_len
                 first += 1

@@ -1,0 +1,130 @@
+import BlockDevice
+import SystemIO
+
+/// Rebuilds the refcounts of a dirty image, as `qemu-img check -r all`
+/// would: every cluster reachable from the header, the refcount structures,
+/// the snapshot table, and each L1 table (active and snapshots) with its L2
+/// tables and data is counted; stored refcounts that differ are rewritten;
+/// COPIED flags of the active tables are set to match; then the dirty bit
+/// is cleared. Runs once at a read-write open, before any request.
+struct RefcountRepair {
+    let file: FileHandle
+    let header: QCOW2Header
+    let geometry: Geometry
+    let fileSize: UInt64
+    let refcounts: RefcountManager
+
+    func run() throws(QCOW2Error) {
+        // XXX: bitmap clusters are not walked, so images with bitmaps are not repaired.
+        guard !header.hasBitmapsExtension else {
+            throw .unsupported(reason: "the image is dirty and has bitmaps; run 'qemu-img check -r all'")
+        }
+        do throws(DeviceError) {
+            try repair()
+        } catch {
+            throw .io(reason: "repairing the refcounts of a dirty image: \(error.reason)")
+        }
+    }
+
+    private func repair() throws(DeviceError) {
+        let cs = geometry.clusterSize
+        var expected: [UInt64: UInt64] = [:]  // cluster index -> references
+        func count(_ offset: UInt64, _ length: UInt64) {
+            guard length > 0 else { return }
+            var c = offset / cs
+            while c <= (offset + length - 1) / cs {
+                expected[c, default: 0] += 1
+                c += 1
+            }
+        }
+        count(0, cs)
+        count(header.refcountTableOffset, UInt64(header.refcountTableClusters) * cs)
+        for entry in refcounts.table where entry & EntryBits.offsetMask != 0 {
+            count(entry & EntryBits.offsetMask, cs)
+        }
+        let (snapshots, tableLength) = try open { () throws(QCOW2Error) in
+            try QCOW2Device.readSnapshotTable(file, header: header, fileSize: fileSize)
+        }
+        count(header.snapshotsOffset, UInt64(tableLength))
+        var l1Tables = [(header.l1TableOffset, Int(header.l1Size))]
+        l1Tables += snapshots.map { ($0.l1TableOffset, Int($0.l1Size)) }
+        for (offset, size) in l1Tables {
+            count(offset, UInt64(size) * 8)
+            let l1 = try open { () throws(QCOW2Error) in try QCOW2Device.readTable(file, at: offset, entries: size) }
+            for l1Entry in l1 {
+                let l2 = l1Entry & EntryBits.offsetMask
+                guard l2 != 0 else { continue }
+                count(l2, cs)
+                for (entry, _) in try entries(ofL2At: l2) {
+                    if entry & EntryBits.compressed != 0 {
+                        if case .compressed(let host, let length) = Mapping.decode(entry: entry, bitmap: 0, unit: 0,
+                                                                                   geometry: geometry) {
+                            count(host & ~511, UInt64(length) + (host & 511))
+                        }
+                    } else if !geometry.hasDataFile, entry & EntryBits.offsetMask != 0 {
+                        count(entry & EntryBits.offsetMask, cs)
+                    }
+                }
+            }
+        }
+        // Rewrite what differs. New refcount blocks land past the old end and count themselves.
+        let end = (fileSize + cs - 1) / cs
+        for cluster in 0..<end {
+            let want = expected[cluster] ?? 0
+            if try refcounts.refcount(of: cluster * cs) != want { try refcounts.setRefcount(of: cluster * cs, to: want) }
+        }
+        try fixCopiedFlags()
+        do throws(Errno) {
+            try file.sync()
+            let features = header.incompatibleFeatures.subtracting(.dirty).rawValue
+            try file.write(bytes: QCOW2Device.bigEndianBytes(features), at: 72)
+            try file.sync()
+        } catch {
+            throw .system(error, "clearing the dirty bit")
+        }
+    }
+
+    /// Sets COPIED in the active L1 and L2 tables exactly where the refcount is 1.
+    private func fixCopiedFlags() throws(DeviceError) {
+        let l1 = try open { () throws(QCOW2Error) in
+            try QCOW2Device.readTable(file, at: header.l1TableOffset, entries: Int(header.l1Size))
+        }
+        let words = geometry.extendedL2 ? 2 : 1
+        for (index, l1Entry) in l1.enumerated() {
+            let l2 = l1Entry & EntryBits.offsetMask
+            guard l2 != 0 else { continue }
+            let l1Want = try refcounts.refcount(of: l2) == 1 ? l2 | EntryBits.copied : l2
+            if l1Want != l1Entry {
+                try write(QCOW2Device.bigEndianBytes(l1Want), at: header.l1TableOffset + UInt64(index) * 8)
+            }
+            for (i, (entry, _)) in try entries(ofL2At: l2).enumerated() where entry & EntryBits.compressed == 0 {
+                let host = entry & EntryBits.offsetMask
+                guard host != 0 || (geometry.hasDataFile && entry & EntryBits.copied != 0) else { continue }
+                let owned = geometry.hasDataFile ? true : try refcounts.refcount(of: host) == 1
+                let want = owned ? entry | EntryBits.copied : entry & ~EntryBits.copied
+                if want != entry { try write(QCOW2Device.bigEndianBytes(want), at: l2 + UInt64(i * words * 8)) }
+            }
+        }
+    }
+
+    private func entries(ofL2At offset: UInt64) throws(DeviceError) -> [(UInt64, UInt64)] {
+        guard offset & (geometry.clusterSize - 1) == 0, offset < fileSize else {
+            throw DeviceError(.io, "L2 table at \(offset) is misaligned or past the end")
+        }
+        let words = geometry.extendedL2 ? 2 : 1
+        let table = try open { () throws(QCOW2Error) in
+            try QCOW2Device.readTable(file, at: offset, entries: Int(geometry.clusterSize / 8))
+        }
+        return stride(from: 0, to: table.count, by: words).map { (table[$0], words == 2 ? table[$0 + 1] : 0) }
+    }
+
+    private func write(_ bytes: [UInt8], at offset: UInt64) throws(DeviceError) {
+        do throws(Errno) { try file.write(bytes: bytes, at: offset) } catch {
+            throw .system(error, "writing repaired metadata at \(offset)")
+        }
+    }
+
+    private func open<T>(_ body: () throws(QCOW2Error) -> T) throws(DeviceError) -> T {
+        do { return try body() } catch { throw DeviceError(.io, error.description) }
+    }
+}
