@@ -5,6 +5,7 @@ packages=(
     pkg-config zlib1g-dev libzstd-dev libnbd-dev    # build
     qemu-utils libnbd-bin python3-libnbd nbdkit fio # real NBD peers and reference servers
     systemd firewalld                                # unit verification, firewalld service check
+    make man-db                                      # make install/uninstall test, man page checks
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,42 @@
+import Foundation
+import Glibc
+import Testing
+import TestSupport
+
+/// A client that connects and says nothing is dropped after --handshake-timeout, so it cannot
+/// hold the export (`-e 1` by default) from the clients that follow.
+@Suite struct HandshakeTimeoutTests {
+    @Test(.timeLimit(.minutes(2))) func silentClientIsDroppedAndTheServerKeepsServing() throws {
+        let scratch = try TemporaryDirectory("swiftnbd-handshake")
+        let image = scratch.file("disk.raw")
+        try ImageFactory.patternedRaw(image, size: 2 << 20, seed: 11)
+        let original = Array(try Data(contentsOf: URL(fileURLWithPath: image)))
+        let port = try LoopbackTCP.freePort()
+        let server = try SpawnedProcess(
+            Paths.serverBinary,
+            ["-t", "-r", "--handshake-timeout", "1", "-p", "\(port)", "-b", "127.0.0.1", image],
+            logPath: scratch.file("server.log"))
+        defer { server.stop() }
+
+        // Ready once a real client gets through.
+        let first = try BoundedNBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(20))
+        try first.disconnect()
+
+        let silent = try LoopbackTCP.connect(port: port)
+        defer { close(silent) }
+        let start = ContinuousClock.now
+        let (greeting, closed) = LoopbackTCP.readUntilClosed(silent, timeout: .seconds(5))
+        let elapsed = ContinuousClock.now - start
+        // The server opens the newstyle handshake: "NBDMAGIC" then "IHAVEOPT".
+        #expect(greeting.starts(with: Array("NBDMAGICIHAVEOPT".utf8)), "greeting: \(greeting)")
+        #expect(closed, "a silent client was still connected after 5 s\n\(server.log)")
+        #expect(elapsed >= .milliseconds(500), "closed after \(elapsed), before the 1 s timeout")
+
+        let next = try BoundedNBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(10))
+        #expect(try next.pread(count: 65536, offset: 0) == Array(original[0..<65536]))
+        try next.disconnect()
+
+        server.send(SIGTERM)
+        #expect(server.waitForExit(timeout: .seconds(10)) == .exited(0), "\(server.log)")
+    }
+}

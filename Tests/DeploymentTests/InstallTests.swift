@@ -1,0 +1,106 @@
+import Foundation
+import Testing
+import TestSupport
+
+/// `make install` puts every file where systemd, firewalld and man look, and `make uninstall`
+/// takes exactly those away. BINARY= installs the debug build, so no release build is needed.
+@Suite struct InstallTests {
+    /// Every file `make install` creates, relative to DESTDIR, with the default PREFIX.
+    static let installedFiles: Set<String> = [
+        "usr/local/bin/swiftnbd",
+        "usr/local/lib/systemd/system/swiftnbd@.service",
+        "usr/local/lib/systemd/system/swiftnbd.service",
+        "usr/local/lib/systemd/system/swiftnbd.socket",
+        "usr/local/lib/sysusers.d/swiftnbd.conf",
+        "usr/local/lib/tmpfiles.d/swiftnbd.conf",
+        "usr/local/share/man/man1/swiftnbd.1",
+        "etc/firewalld/services/swiftnbd.xml",
+        "etc/swiftnbd/example.conf",
+    ]
+
+    static func make(_ arguments: [String]) throws {
+        try Tools.check("make", ["-C", Paths.repoRoot, "--no-print-directory"] + arguments)
+    }
+
+    /// Regular files and links under `root`, as paths relative to it.
+    static func files(under root: String) -> Set<String> {
+        let enumerator = FileManager.default.enumerator(atPath: root)
+        var found: Set<String> = []
+        while let path = enumerator?.nextObject() as? String {
+            var isDirectory: ObjCBool = false
+            if FileManager.default.fileExists(atPath: root + "/" + path, isDirectory: &isDirectory), !isDirectory.boolValue {
+                found.insert(path)
+            }
+        }
+        return found
+    }
+
+    @Test func installIntoDestdirThenUninstallLeavesNothing() throws {
+        let destdir = try TemporaryDirectory("swiftnbd-destdir")
+        try Self.make(["install", "DESTDIR=\(destdir.path)", "BINARY=\(Paths.serverBinary)"])
+
+        #expect(Self.files(under: destdir.path) == Self.installedFiles)
+        let installed = destdir.file("usr/local/bin/swiftnbd")
+        #expect(FileManager.default.isExecutableFile(atPath: installed))
+        #expect(FileManager.default.contentsEqual(atPath: installed, andPath: Paths.serverBinary))
+        for unit in Paths.unitNames {
+            let shipped = try String(contentsOfFile: Paths.repo("systemd/\(unit)"), encoding: .utf8)
+            let text = try String(contentsOfFile: destdir.file("usr/local/lib/systemd/system/\(unit)"), encoding: .utf8)
+            #expect(text == shipped, "\(unit): the default PREFIX needs no rewriting")
+        }
+        let permissions = try FileManager.default.attributesOfItem(
+            atPath: destdir.file("usr/local/lib/systemd/system/swiftnbd.socket"))[.posixPermissions] as? Int
+        #expect(permissions == 0o644)
+
+        // An admin's export config is not ours to remove.
+        try "IMAGE=/var/lib/swiftnbd/centos6.img\n".write(toFile: destdir.file("etc/swiftnbd/centos6.conf"),
+                                                            atomically: true, encoding: .utf8)
+        try Self.make(["uninstall", "DESTDIR=\(destdir.path)"])
+        #expect(Self.files(under: destdir.path) == ["etc/swiftnbd/centos6.conf"])
+
+        try FileManager.default.removeItem(atPath: destdir.file("etc/swiftnbd/centos6.conf"))
+        try Self.make(["install", "DESTDIR=\(destdir.path)", "BINARY=\(Paths.serverBinary)"])
+        try Self.make(["uninstall", "DESTDIR=\(destdir.path)"])
+        #expect(Self.files(under: destdir.path).isEmpty)
+        #expect(!FileManager.default.fileExists(atPath: destdir.file("etc/swiftnbd")), "its own config folder goes too")
+    }
+
+    /// Installed under another PREFIX and SYSCONFDIR, the units name the installed binary and
+    /// config folder, and verify against the installed man page.
+    @Test func unitsInstalledUnderAnotherPrefixVerify() throws {
+        let root = try TemporaryDirectory("swiftnbd-prefix")
+        let variables = ["PREFIX=\(root.file("usr"))", "SYSCONFDIR=\(root.file("etc"))",
+                         "BINARY=\(Paths.serverBinary)"]
+        try Self.make(["install"] + variables)
+
+        let unitDir = root.file("usr/lib/systemd/system")
+        let template = try String(contentsOfFile: unitDir + "/swiftnbd@.service", encoding: .utf8)
+        #expect(template.contains("ExecStart=\(root.file("usr/bin/swiftnbd")) $SWIFTNBD_OPTS ${IMAGE}\n"))
+        #expect(template.contains("EnvironmentFile=\(root.file("etc/swiftnbd"))/%i.conf\n"))
+        #expect(FileManager.default.fileExists(atPath: root.file("etc/firewalld/services/swiftnbd.xml")))
+
+        try FileManager.default.copyItem(atPath: unitDir + "/swiftnbd@.service",
+                                         toPath: root.file("swiftnbd@centos6.service"))
+        let units = Paths.unitNames.map { unitDir + "/" + $0 } + [root.file("swiftnbd@centos6.service")]
+        let result = try Tools.run("systemd-analyze", ["verify"] + units,
+                                   environment: ["MANPATH": root.file("usr/share/man")])
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(result.stderr.isEmpty, "\(result.stderr)")
+
+        try Self.make(["uninstall"] + variables)
+        #expect(Self.files(under: root.path) == ["swiftnbd@centos6.service"])
+    }
+
+    @Test func manPageRendersWithoutWarnings() throws {
+        let result = try Tools.run("man", ["--warnings", "-l", Paths.repo("man/swiftnbd.1")],
+                                   environment: ["MANWIDTH": "80", "LC_ALL": "C"])
+        #expect(result.status == 0)
+        #expect(result.stderr.isEmpty, "\(result.stderr)")
+        for option in ["--persistent", "--port", "--bind", "--socket", "--format", "--read-only", "--export-name",
+                       "--description", "--shared", "--snapshot", "--load-snapshot", "--discard", "--detect-zeroes",
+                       "--allocation-depth", "--cache", "--aio", "--fork", "--pid-file", "--handshake-timeout",
+                       "--verbose", "--log-level", "--help", "--version", "LISTEN_FDS", "EXIT STATUS"] {
+            #expect(result.stdout.contains(option), "swiftnbd(1) does not mention \(option)")
+        }
+    }
+}

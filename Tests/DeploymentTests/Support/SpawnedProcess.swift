@@ -1,0 +1,124 @@
+import Foundation
+import Glibc
+
+/// A program started in the background for a test, with stdin from /dev/null and stdout and
+/// stderr in a log file. `stop()` (also run on release) kills it if it still runs, so a
+/// failing test never leaves a server behind.
+///
+/// This uses posix_spawn rather than Foundation's Process for two reasons:
+/// - The child starts with no blocked signals and default dispositions, as under systemd.
+///   Process hands on the spawning thread's mask, and the test runner's worker threads block
+///   nearly every signal, so SIGTERM would never reach the server.
+/// - Process on Linux notices an exit through a descriptor the child inherits; a `--fork`ed
+///   daemon inherits it too, so the launcher would seem to run until the daemon stops.
+final class SpawnedProcess: @unchecked Sendable {
+    let pid: pid_t
+    let logPath: String
+    private var termination: Termination?
+
+    struct SpawnError: Error, CustomStringConvertible {
+        var program: String
+        var errno: Int32
+        var description: String { "posix_spawn \(program): \(String(cString: strerror(errno)))" }
+    }
+
+    init(_ executable: String, _ arguments: [String], logPath: String) throws {
+        self.logPath = logPath
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, logPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var noSignals = sigset_t(), allSignals = sigset_t()
+        sigemptyset(&noSignals)
+        sigfillset(&allSignals)
+        posix_spawnattr_setsigmask(&attributes, &noSignals)
+        posix_spawnattr_setsigdefault(&attributes, &allSignals)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+
+        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var child: pid_t = 0
+        let error = posix_spawn(&child, executable, &actions, &attributes, argv, environ)
+        guard error == 0 else { throw SpawnError(program: executable, errno: error) }
+        pid = child
+    }
+
+    /// Everything the program wrote so far.
+    var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+
+    /// How the program ended, if it has; reaps it.
+    var exited: Termination? {
+        if termination == nil {
+            var status: Int32 = 0
+            if waitpid(pid, &status, WNOHANG) == pid {
+                let signal = status & 0x7f
+                termination = signal == 0 ? .exited((status >> 8) & 0xff) : .killed(signal)
+            }
+        }
+        return termination
+    }
+
+    /// Waits at most `timeout` for the program to exit. Returns how it ended, or nil if it is
+    /// still running.
+    func waitForExit(timeout: Duration) -> Termination? {
+        let deadline = ContinuousClock.now + timeout
+        while exited == nil {
+            if ContinuousClock.now >= deadline { return nil }
+            usleep(10_000)
+        }
+        return exited
+    }
+
+    func send(_ signal: Int32) { if exited == nil { kill(pid, signal) } }
+
+    func stop() {
+        guard exited == nil else { return }
+        kill(pid, SIGKILL)
+        _ = waitForExit(timeout: .seconds(10))
+    }
+
+    deinit { stop() }
+
+    enum Termination: Equatable, CustomStringConvertible {
+        case exited(Int32)
+        case killed(Int32)
+        var description: String {
+            switch self {
+            case .exited(let status): "exit \(status)"
+            case .killed(let signal): "killed by signal \(signal)"
+            }
+        }
+    }
+}
+
+/// Processes that are not our children (a `--fork`ed daemon) are watched through /proc.
+enum ProcessTable {
+    /// True while `pid` exists and is not a zombie (an exited daemon nobody has reaped yet).
+    static func isRunning(_ pid: pid_t) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return false }
+        let state = stat[stat.index(close, offsetBy: 2)...].prefix(1)
+        return state != "Z" && state != "X"
+    }
+
+    /// Waits at most `timeout` for `pid` to go away; true if it did.
+    static func waitUntilGone(_ pid: pid_t, timeout: Duration) -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while isRunning(pid) {
+            if ContinuousClock.now >= deadline { return false }
+            usleep(10_000)
+        }
+        return true
+    }
+
+    /// The program `pid` is running, as /proc/PID/exe names it.
+    static func executable(of pid: pid_t) -> String? {
+        try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe")
+    }
+}
