@@ -22,7 +22,16 @@ extension QCOW2Device {
                 position += written
                 continue
             }
-            let n = Int(min(UInt64(rest.count), geometry.clusterSize - (guest & (geometry.clusterSize - 1))))
+            let cluster = geometry.clusterSize
+            if guest & (cluster - 1) == 0 && UInt64(rest.count) >= cluster {
+                // Whole clusters: nothing to copy, so a run of them gets one allocation and one pwrite.
+                let whole = Int(UInt64(rest.count) & ~(cluster - 1))
+                position += try withMetadataLock { () throws(DeviceError) in
+                    try writeWholeClusters(UnsafeRawBufferPointer(rebasing: rest[..<whole]), at: guest)
+                }
+                continue
+            }
+            let n = Int(min(UInt64(rest.count), cluster - (guest & (cluster - 1))))
             try withMetadataLock { () throws(DeviceError) in
                 try writeCluster(UnsafeRawBufferPointer(rebasing: rest[..<n]), at: guest)
             }
@@ -244,6 +253,40 @@ extension QCOW2Device {
         if host == nil { try release(old) }
     }
 
+    /// Writes whole clusters from `guest` (cluster-aligned) into newly
+    /// allocated, host-contiguous clusters, as many as one L2 table maps and
+    /// none of which this image owns alone (those are written in place).
+    /// Returns the bytes written, at least one cluster.
+    private func writeWholeClusters(_ data: UnsafeRawBufferPointer, at guest: UInt64) throws(DeviceError) -> Int {
+        let g = geometry
+        let (l2Offset, index, table) = try writableL2(for: guest)
+        let limit = min(data.count >> g.clusterBits, g.l2Entries - index)
+        var count = 0
+        var old: [UInt64] = []
+        while count < limit {
+            let entry = table.entries[(index + count) * entryWords]
+            let owned = entry & EntryBits.compressed == 0 && entry & EntryBits.copied != 0
+                && (entry & EntryBits.offsetMask != 0 || dataFile != nil)
+            if owned && count > 0 { break }
+            if owned {
+                // Raced with an allocation since the in-place check: write this one in place.
+                try writeCluster(UnsafeRawBufferPointer(rebasing: data[..<Int(g.clusterSize)]), at: guest)
+                return Int(g.clusterSize)
+            }
+            old.append(entry)
+            count += 1
+        }
+        let length = count << g.clusterBits
+        let host = try dataFile != nil ? guest : refcounts!.allocate(count: count)
+        try writeBytes(UnsafeRawBufferPointer(rebasing: data[..<length]), to: dataFile ?? file, at: host, what: "data")
+        let bitmap: UInt64 = g.extendedL2 ? 0xFFFF_FFFF : 0
+        try setL2Entries(l2Offset: l2Offset, index: index,
+                         (0..<count).map { (host + (UInt64($0) << UInt64(g.clusterBits))) | EntryBits.copied },
+                         bitmap: bitmap)
+        for entry in old { try release(entry) }
+        return length
+    }
+
     /// Sets the zero flag (or, with extended L2, every zero bit) on the
     /// cluster at `guest`, keeping an owned host cluster unless `deallocate`.
     private func zeroCluster(at guest: UInt64, deallocate: Bool) throws(DeviceError) {
@@ -355,6 +398,26 @@ extension QCOW2Device {
             bytes += QCOW2Device.bigEndianBytes(bitmap)
         }
         try writeBytes(bytes, at: l2Offset + UInt64(index * entryWords * 8), what: "L2 entry")
+        l2Cache.insert(L2Table(entries: entries), at: l2Offset)
+    }
+
+    /// Replaces consecutive L2 entries from `index` with one write.
+    private func setL2Entries(l2Offset: UInt64, index: Int, _ newEntries: [UInt64], bitmap: UInt64) throws(DeviceError) {
+        let table = try l2Cache.table(at: l2Offset) { () throws(DeviceError) in
+            try loadL2Table(at: l2Offset, l1Index: 0)
+        }
+        var entries = table.entries
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(newEntries.count * entryWords * 8)
+        for (i, entry) in newEntries.enumerated() {
+            entries[(index + i) * entryWords] = entry
+            bytes += QCOW2Device.bigEndianBytes(entry)
+            if geometry.extendedL2 {
+                entries[(index + i) * 2 + 1] = bitmap
+                bytes += QCOW2Device.bigEndianBytes(bitmap)
+            }
+        }
+        try writeBytes(bytes, at: l2Offset + UInt64(index * entryWords * 8), what: "L2 entries")
         l2Cache.insert(L2Table(entries: entries), at: l2Offset)
     }
 
