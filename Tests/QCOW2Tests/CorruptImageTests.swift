@@ -238,3 +238,27 @@ import Testing
         #expect(error?.kind == .io)
     }
 }
+
+/// Inconsistent metadata met by a write sets the corrupt bit and stops writes.
+@Suite struct CorruptOnWriteTests {
+    @Test func misalignedL2MarksCorrupt() throws {
+        let dir = try TemporaryDirectory("qcow2-markcorrupt")
+        let path = try CorruptImageTests.makeImage(dir)
+        let h = try CorruptImageTests.header(path)
+        let l2 = try CorruptImageTests.firstL2(path)
+        try Q.patch(path, at: h.l1TableOffset, Q.bigEndian(EntryBits.copied | (l2 + 512)))
+        let device = try QCOW2Device(path: path, readOnly: false)
+        let first = #expect(throws: DeviceError.self) {
+            try [UInt8](repeating: 7, count: 4096).withUnsafeBytes { try device.write($0, at: 0, fua: false) }
+        }
+        #expect(first?.kind == .io)
+        // Later writes are refused even where the metadata is fine.
+        let second = #expect(throws: DeviceError.self) {
+            try device.writeZeroes(at: 0, length: 4096, mayDeallocate: false, fast: false, fua: false)
+        }
+        #expect(second?.kind == .io)
+        device.close()
+        #expect(try CorruptImageTests.header(path).incompatibleFeatures.contains(.corrupt))
+        #expect(CorruptImageTests.refusal(path, readOnly: false) == .corrupt)
+    }
+}
