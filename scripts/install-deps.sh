@@ -6,6 +6,7 @@ packages=(
     qemu-utils libnbd-bin python3-libnbd nbdkit fio # real NBD peers and reference servers
     systemd firewalld                                # unit verification, firewalld service check
     make man-db                                      # make install/uninstall test, man page checks
+    libguestfs-tools linux-image-amd64 e2fsprogs     # end to end: virt-df and guestfish over nbd://
 )
 missing=()
 for p in "${packages[@]}"; do
