@@ -181,3 +181,55 @@ import Testing
         #expect(status.payload.prefix(4) == [0, 0, 0, 1])
     }
 }
+
+/// Random bytes at every stage of the protocol never take the server down.
+@Suite struct GarbageInputTests {
+    @Test func randomBytesNeverKillTheServer() throws {
+        let fixture = try RawFixture(size: 1 << 20)
+        let server = try ServerProcess(["-t", "-e", "8", fixture.image])
+        var rng = SplitMix(seed: 0x5eed)
+        for round in 0..<150 {
+            let raw = try RawClient(port: server.port, timeout: 2)
+            switch round % 3 {
+            case 0:  // garbage instead of client flags and options
+                try? raw.send((0..<Int(rng.next() % 200)).map { _ in UInt8(truncatingIfNeeded: rng.next()) })
+            case 1:  // valid IHAVEOPT headers with random codes, lengths and payloads
+                try raw.greet()
+                for _ in 0..<4 {
+                    let length = UInt32(rng.next() % 64)
+                    var w = WireWriter()
+                    OptionHeader(option: OptionCode(rawValue: UInt32(rng.next() % 16)), length: length).encode(into: &w)
+                    w.write((0..<length).map { _ in UInt8(truncatingIfNeeded: rng.next()) })
+                    try? raw.send(w.bytes)
+                }
+            default:  // requests with random commands, flags, offsets and lengths after a real GO
+                _ = try raw.go(structuredReplies: rng.next() % 2 == 0)
+                for _ in 0..<4 {
+                    let command = Command(rawValue: UInt16(rng.next() % 10))
+                    var request = Request(flags: CommandFlags(rawValue: UInt16(rng.next() % 64)), command: command,
+                                          cookie: rng.next(), offset: rng.next() % (2 << 20),
+                                          length: UInt32(rng.next() % (64 << 10)))
+                    if command == .disconnect { request.command = .read }
+                    try? raw.sendRequest(request, payload: command == .write
+                                         ? [UInt8](repeating: 0, count: Int(request.length)) : [])
+                }
+            }
+        }
+        #expect(server.isRunning)
+        let client = try NBDClient(uri: server.uri)
+        #expect(client.size == Int64(fixture.size))
+    }
+}
+
+/// A small deterministic generator, so a failing round can be replayed.
+struct SplitMix {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9e37_79b9_7f4a_7c15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
+        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
+        return z ^ (z >> 31)
+    }
+}
