@@ -134,6 +134,57 @@ def bench_fio(name, image, fmt, rw, seconds, writable):
     report(f"{name}: fio --ioengine=nbd --rw={rw} --bs=4k --iodepth=32, {seconds}s", "IOPS", results)
 
 
+def fresh_qcow2(path, size, preallocation=None):
+    if os.path.exists(path):
+        os.remove(path)
+    opts = ["-o", f"preallocation={preallocation}"] if preallocation else []
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2"] + opts + [path, str(size)], check=True)
+
+
+def qemu_img_check(path):
+    r = subprocess.run(["qemu-img", "check", "-f", "qcow2", path], capture_output=True, text=True)
+    return "clean" if r.returncode == 0 else f"check exit {r.returncode}: {r.stdout.strip().splitlines()[-1:]}"
+
+
+def bench_write_seq(raw, size, work, repeat):
+    """nbdcopy of a raw file into an empty qcow2 twice its size: allocating sequential writes."""
+    results, checks = {}, {}
+    target = os.path.join(work, "target.qcow2")
+    for server_name, _ in servers_for(target, "qcow2", writable=True):
+        best = None
+        for _ in range(repeat):
+            fresh_qcow2(target, 2 * size)
+            argv = dict(servers_for(target, "qcow2", writable=True))[server_name]
+            server = Server(server_name, argv)
+            try:
+                t = timed(["nbdcopy", raw, server.uri])
+            finally:
+                server.stop()
+            best = t if best is None else min(best, t)
+            checks[server_name] = qemu_img_check(target)
+        results[server_name] = size / best / (1 << 20)
+    report(f"qcow2-write-seq: nbdcopy {size >> 20} MiB raw file into an empty {2 * size >> 20} MiB qcow2", "MiB/s",
+           results)
+    print("  qemu-img check afterwards: " + ", ".join(f"{k}: {v}" for k, v in checks.items()))
+
+
+def bench_fio_write(name, size, work, seconds, preallocation):
+    results, checks = {}, {}
+    target = os.path.join(work, f"{name}.qcow2")
+    for server_name, _ in servers_for(target, "qcow2", writable=True):
+        fresh_qcow2(target, size, preallocation)
+        argv = dict(servers_for(target, "qcow2", writable=True, connections=1))[server_name]
+        server = Server(server_name, argv)
+        try:
+            results[server_name] = run_fio(server.uri, "randwrite", seconds)
+        finally:
+            server.stop()
+        checks[server_name] = qemu_img_check(target)
+    report(f"{name}: fio --rw=randwrite --bs=4k --iodepth=32 on a {'preallocated' if preallocation else 'empty'} "
+           f"qcow2, {seconds}s", "IOPS", results)
+    print("  qemu-img check afterwards: " + ", ".join(f"{k}: {v}" for k, v in checks.items()))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-gib", type=float, default=1.0)
@@ -162,6 +213,12 @@ def main():
             zqcow = os.path.join(work, "disk-z.qcow2")
             subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", raw, zqcow], check=True)
             bench_read("qcow2-compressed-read", zqcow, "qcow2", size, args.repeat)
+        if wanted("qcow2-write-seq"):
+            bench_write_seq(raw, size, work, args.repeat)
+        if wanted("qcow2-fio-write-prealloc"):
+            bench_fio_write("qcow2-fio-write-prealloc", size, work, args.fio_seconds, "metadata")
+        if wanted("qcow2-fio-write-empty"):
+            bench_fio_write("qcow2-fio-write-empty", size, work, args.fio_seconds, None)
         if wanted("raw-fio"):
             bench_fio("raw-fio", raw, "raw", "randread", args.fio_seconds, False)
     finally:
