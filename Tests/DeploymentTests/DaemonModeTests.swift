@@ -47,7 +47,8 @@ import TestSupport
         _ = ProcessTable.waitUntilGone(pid, timeout: .seconds(5))
     }
 
-    @Test(.timeLimit(.minutes(2))) func forkedServerServesRawImageAndStopsOnSIGTERM() throws {
+    @Test(.timeLimit(.minutes(2)), arguments: [SIGTERM, SIGINT])
+    func forkedServerServesRawImageAndStopsOnSignal(_ signal: Int32) throws {
         let scratch = try TemporaryDirectory("swiftnbd-fork")
         let image = scratch.file("disk.raw")
         try ImageFactory.patternedRaw(image, size: 4 << 20, seed: 3)
@@ -61,8 +62,8 @@ import TestSupport
         #expect(try client.readAll() == Array(original))
         try client.disconnect()
 
-        kill(pid, SIGTERM)
-        #expect(ProcessTable.waitUntilGone(pid, timeout: .seconds(10)), "still running 10 s after SIGTERM")
+        kill(pid, signal)
+        #expect(ProcessTable.waitUntilGone(pid, timeout: .seconds(10)), "still running 10 s after signal \(signal)")
         #expect(!LoopbackTCP.isListening(port: port))
         #expect(try Data(contentsOf: URL(fileURLWithPath: image)) == original, "the image changed")
     }
@@ -100,5 +101,34 @@ import TestSupport
         expected.replaceSubrange((40 << 20)..<((40 << 20) + patch.count), with: patch)
         let contents = try ImageFactory.rawContents(of: image, format: "qcow2", scratch: scratch)
         #expect(Array(contents) == expected, "the image does not hold what the client wrote")
+    }
+
+    /// The exit status of `--fork` reports whether the server started: 1, and no server left
+    /// behind, when the image can't be opened or the port is taken.
+    @Test(.timeLimit(.minutes(2))) func forkReportsAFailedStart() throws {
+        let scratch = try TemporaryDirectory("swiftnbd-fork-fail")
+        let image = scratch.file("disk.raw")
+        try ImageFactory.patternedRaw(image, size: 1 << 20)
+        let busy = try LoopbackTCP.listen()
+        defer { close(busy.fd) }
+        let freePort = try LoopbackTCP.freePort()
+
+        let cases: [(what: String, port: UInt16, image: String)] = [
+            ("missing image", freePort, scratch.file("missing.raw")),
+            ("port in use", busy.port, image),
+        ]
+        for (what, port, path) in cases {
+            let pidFile = scratch.file("\(port).pid")
+            let launcher = try SpawnedProcess(
+                Paths.serverBinary, ["--fork", "--pid-file", pidFile, "-t", "-p", "\(port)", "-b", "127.0.0.1", path],
+                logPath: scratch.file("\(port).log"))
+            let ended = launcher.waitForExit(timeout: .seconds(30))
+            #expect(ended == .exited(1), "\(what): \(ended.map(String.init(describing:)) ?? "still running")\n\(launcher.log)")
+            #expect(!launcher.log.isEmpty, "\(what): no message says why")
+            if let pid = Self.readPid(pidFile) {
+                #expect(!ProcessTable.isRunning(pid), "\(what): a server is left running")
+                Self.stop(pid)
+            }
+        }
     }
 }

@@ -29,6 +29,25 @@ enum LoopbackTCP {
         return UInt16(bigEndian: address.sin_port)
     }
 
+    /// Listens on a kernel-chosen port, to hold it busy. Returns the descriptor and the port.
+    static func listen() throws -> (fd: Int32, port: UInt16) {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw SocketError(call: "socket", errno: errno) }
+        var address = loopback(port: 0)
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let ok = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, length) == 0 && Glibc.listen(fd, 8) == 0 && getsockname(fd, $0, &length) == 0
+            }
+        }
+        guard ok else {
+            let error = errno
+            close(fd)
+            throw SocketError(call: "bind/listen/getsockname", errno: error)
+        }
+        return (fd, UInt16(bigEndian: address.sin_port))
+    }
+
     /// Connects once, without retrying. Returns the connected descriptor.
     static func connect(port: UInt16) throws -> Int32 {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
