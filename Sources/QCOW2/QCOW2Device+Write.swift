@@ -246,8 +246,17 @@ extension QCOW2Device {
         UnsafeMutableRawBufferPointer(rebasing: buffer[into..<into + data.count]).copyMemory(from: data)
 
         let newHost: UInt64
+        let endBefore = refcounts?.fileEnd ?? 0
         if let host { newHost = host } else { newHost = try refcounts!.allocate() }
-        try writeBytes(UnsafeRawBufferPointer(buffer), to: dataFile ?? file, at: newHost, what: "data")
+        // A cluster past the old end of the file was never written and reads as zeros,
+        // so if the rest of the cluster is zeros only the new bytes need writing.
+        if host == nil, dataFile == nil, newHost >= endBefore,
+           QCOW2Device.isZero(UnsafeRawBufferPointer(rebasing: buffer[..<into])),
+           QCOW2Device.isZero(UnsafeRawBufferPointer(rebasing: buffer[(into + data.count)...])) {
+            try writeBytes(data, to: file, at: newHost + UInt64(into), what: "data")
+        } else {
+            try writeBytes(UnsafeRawBufferPointer(buffer), to: dataFile ?? file, at: newHost, what: "data")
+        }
         try setL2Entry(l2Offset: l2Offset, index: index, entry: newHost | EntryBits.copied,
                        bitmap: g.extendedL2 ? 0xFFFF_FFFF : 0)
         if host == nil { try release(old) }
@@ -434,6 +443,23 @@ extension QCOW2Device {
         do throws(Errno) { try handle.write(raw, at: offset) } catch {
             throw .system(error, "writing qcow2 \(what) at \(offset)")
         }
+    }
+}
+
+extension QCOW2Device {
+    static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        var words = bytes.count / 8, i = 0
+        guard let base = bytes.baseAddress else { return true }
+        while words > 0 {
+            if base.loadUnaligned(fromByteOffset: i, as: UInt64.self) != 0 { return false }
+            i += 8
+            words -= 1
+        }
+        while i < bytes.count {
+            if bytes[i] != 0 { return false }
+            i += 1
+        }
+        return true
     }
 }
 

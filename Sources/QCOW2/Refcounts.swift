@@ -117,10 +117,10 @@ final class RefcountManager: @unchecked Sendable {
         }
         let cluster = host >> UInt64(clusterBits)
         let blockOffset = try ensureBlock(forCluster: cluster)
-        var bytes = try block(at: blockOffset)
-        let changed = RefcountEntry.set(&bytes, index: Int(cluster % entriesPerBlock), order: order, value: value)
-        blocks[blockOffset] = bytes
-        try write(Array(bytes[changed]), at: blockOffset + UInt64(changed.lowerBound), what: "refcount")
+        _ = try block(at: blockOffset)  // loaded into `blocks`, then changed in place (no copy)
+        let changed = RefcountEntry.set(&blocks[blockOffset]!, index: Int(cluster % entriesPerBlock), order: order,
+                                        value: value)
+        try write(Array(blocks[blockOffset]![changed]), at: blockOffset + UInt64(changed.lowerBound), what: "refcount")
         if value == 0 { freeCursor = min(freeCursor, cluster) }
     }
 
