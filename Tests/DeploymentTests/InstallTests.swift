@@ -91,6 +91,28 @@ import TestSupport
         #expect(Self.files(under: root.path) == ["swiftnbd@centos6.service"])
     }
 
+    /// The installed sysusers.d and tmpfiles.d entries make the unprivileged user and the one
+    /// folder the units may write, owned by it (checked offline with --root=DESTDIR).
+    @Test func installedSysusersAndTmpfilesCreateTheUserAndItsFolder() throws {
+        let root = try TemporaryDirectory("swiftnbd-sysroot")
+        try Self.make(["install", "DESTDIR=\(root.path)", "BINARY=\(Paths.serverBinary)"])
+        try Tools.check("systemd-sysusers", ["--root=\(root.path)"])
+        try Tools.check("systemd-tmpfiles", ["--root=\(root.path)", "--create", "swiftnbd.conf"])
+
+        let passwd = try String(contentsOfFile: root.file("etc/passwd"), encoding: .utf8)
+        let entry = try #require(passwd.split(separator: "\n").first { $0.hasPrefix("swiftnbd:") }, "\(passwd)")
+        let fields = entry.split(separator: ":", omittingEmptySubsequences: false)
+        #expect(fields.count == 7)
+        let uid = try #require(Int(fields[2]))
+        #expect(uid > 0 && uid < 1000, "a system user, not root or a login user: \(entry)")
+        #expect(fields[5] == "/var/lib/swiftnbd")
+        #expect(fields[6].hasSuffix("nologin"))
+
+        let folder = try FileManager.default.attributesOfItem(atPath: root.file("var/lib/swiftnbd"))
+        #expect(folder[.ownerAccountID] as? Int == uid)
+        #expect(folder[.posixPermissions] as? Int == 0o750)
+    }
+
     @Test func manPageRendersWithoutWarnings() throws {
         let result = try Tools.run("man", ["--warnings", "-l", Paths.repo("man/swiftnbd.1")],
                                    environment: ["MANWIDTH": "80", "LC_ALL": "C"])
