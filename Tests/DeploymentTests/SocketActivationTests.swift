@@ -66,4 +66,28 @@ import TestSupport
         server.send(SIGTERM)
         #expect(server.waitForExit(timeout: .seconds(10)) == .exited(0), "\(server.log)")
     }
+
+    /// swiftnbd.socket with a TCP and a Unix ListenStream= passes two sockets; both serve.
+    @Test(.timeLimit(.minutes(2))) func servesOnEveryActivatedSocket() throws {
+        let scratch = try TemporaryDirectory("swiftnbd-activate-two")
+        let image = try Self.makeImage(in: scratch)
+        let port = try LoopbackTCP.freePort()
+        let socketPath = scratch.file("nbd.sock")
+        let server = try SpawnedProcess(
+            "/usr/bin/systemd-socket-activate",
+            ["-l", "127.0.0.1:\(port)", "-l", socketPath, Paths.serverBinary, "-t", "-r", "-e", "2", image.path],
+            logPath: scratch.file("server.log"))
+        defer { server.stop() }
+
+        let overTCP = try BoundedNBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(20))
+        let overUnix = try BoundedNBDClient.connect("nbd+unix:///?socket=\(socketPath)", retryingFor: .seconds(10))
+        let tail = UInt64(Self.imageSize - 65536)
+        #expect(try overTCP.pread(count: 65536, offset: tail) == Array(image.bytes[Int(tail)...]))
+        #expect(try overUnix.pread(count: 65536, offset: 0) == Array(image.bytes[0..<65536]))
+        try overTCP.disconnect()
+        try overUnix.disconnect()
+
+        server.send(SIGTERM)
+        #expect(server.waitForExit(timeout: .seconds(10)) == .exited(0), "\(server.log)")
+    }
 }
