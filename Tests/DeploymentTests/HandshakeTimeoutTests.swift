@@ -36,6 +36,14 @@ import TestSupport
         #expect(try next.pread(count: 65536, offset: 0) == Array(original[0..<65536]))
         try next.disconnect()
 
+        // A silent client that holds the only slot (-e 1) delays the next client by at most the
+        // timeout; it does not lock it out.
+        let squatter = try LoopbackTCP.connect(port: port)
+        defer { close(squatter) }
+        let waiting = try BoundedNBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(8))
+        #expect(try waiting.pread(count: 4096, offset: 1 << 20) == Array(original[(1 << 20)..<((1 << 20) + 4096)]))
+        try waiting.disconnect()
+
         server.send(SIGTERM)
         #expect(server.waitForExit(timeout: .seconds(10)) == .exited(0), "\(server.log)")
     }
