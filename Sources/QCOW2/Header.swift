@@ -59,6 +59,10 @@ public struct QCOW2Header: Sendable, Equatable {
     public var featureNames: [FeatureName] = []
     public var externalDataFile: String?
     public var hasBitmapsExtension = false
+    /// From the bitmaps extension: how many bitmaps, and where their directory is.
+    public var bitmapCount: UInt32 = 0
+    public var bitmapDirectorySize: UInt64 = 0
+    public var bitmapDirectoryOffset: UInt64 = 0
     public var hasEncryptionExtension = false
     /// The backing file name, read from `backingFileOffset`.
     public var backingFile: String?
@@ -161,7 +165,15 @@ public struct QCOW2Header: Sendable, Equatable {
             case .end: return
             case .backingFormat: backingFormat = data.qcow2String
             case .externalDataFile: externalDataFile = data.qcow2String
-            case .bitmaps: hasBitmapsExtension = true
+            case .bitmaps:
+                hasBitmapsExtension = true
+                let fields = Array(data)
+                guard fields.count >= 24 else {
+                    throw .invalidHeaderExtension(type: type, reason: "bitmaps extension of \(fields.count) bytes")
+                }
+                bitmapCount = ByteCursor.peek(UInt32.self, in: fields, at: 0)!
+                bitmapDirectorySize = ByteCursor.peek(UInt64.self, in: fields, at: 8)!
+                bitmapDirectoryOffset = ByteCursor.peek(UInt64.self, in: fields, at: 16)!
             case .fullDiskEncryption: hasEncryptionExtension = true
             case .featureNameTable:
                 guard data.count % 48 == 0 else {

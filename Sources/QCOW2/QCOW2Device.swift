@@ -94,7 +94,13 @@ public final class QCOW2Device: BlockDevice {
                     header.incompatibleFeatures.remove(.dirty)
                     l1Table = try QCOW2Device.readTable(file, at: l1Offset, entries: Int(l1Size))
                 }
-                // Autoclear features we don't maintain (bitmaps) must be cleared before writing.
+                // Persistent bitmaps are not updated by our writes: flag each one in_use
+                // (inconsistent), as qemu does while it has an image open, rather than
+                // clearing the autoclear bit, which would leave their clusters leaked.
+                if header.hasBitmapsExtension && header.autoclearFeatures & 1 != 0 {
+                    try Bitmaps.markInUse(file: file, header: header, fileSize: fileSize)
+                }
+                // Other autoclear features we don't maintain must be cleared before writing.
                 if header.version >= 3 && header.autoclearFeatures & ~QCOW2Device.maintainedAutoclear != 0 {
                     let cleared = header.autoclearFeatures & QCOW2Device.maintainedAutoclear
                     do throws(Errno) {
@@ -184,8 +190,9 @@ public final class QCOW2Device: BlockDevice {
     }
 
     /// Reads a table of big-endian 64-bit entries (L1 or refcount table).
-    /// Autoclear bits this engine keeps true while writing: only "raw external data".
-    static let maintainedAutoclear: UInt64 = 1 << 1
+    /// Autoclear bits this engine keeps true while writing: "bitmaps" (their
+    /// directory stays valid; the bitmaps are flagged in_use) and "raw external data".
+    static let maintainedAutoclear: UInt64 = 1 << 0 | 1 << 1
 
     static func bigEndianBytes<T: FixedWidthInteger>(_ value: T) -> [UInt8] {
         withUnsafeBytes(of: value.bigEndian) { Array($0) }

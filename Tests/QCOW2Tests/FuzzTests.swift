@@ -63,11 +63,12 @@ import Testing
         #expect(accepted > 0)
     }
 
-    @Test func snapshotTableParser() {
+    @Test func snapshotTableAndBitmapDirectoryParsers() {
         var rng = SeededGenerator(state: 0x5EED_0002)
         for _ in 0..<5000 {
             let bytes = (0..<Int.random(in: 0...300, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }
             _ = try? QCOW2Snapshot.parseTable(bytes, count: Int.random(in: 0...5, using: &rng))
+            _ = Bitmaps.flagOffsets(in: bytes, count: Int.random(in: 0...5, using: &rng))
         }
     }
 
