@@ -131,4 +131,27 @@ import TestSupport
             }
         }
     }
+
+    /// The daemon lets go of the caller's stdout and stderr, so `$(swiftnbd --fork ...)` and
+    /// `ssh host swiftnbd --fork ...` return instead of waiting for the server to stop.
+    @Test(.timeLimit(.minutes(2))) func forkedServerLetsGoOfTheCallersOutput() throws {
+        let scratch = try TemporaryDirectory("swiftnbd-fork-pipe")
+        let image = scratch.file("disk.raw")
+        try ImageFactory.patternedRaw(image, size: 1 << 20)
+        let port = try LoopbackTCP.freePort()
+        let pidFile = scratch.file("swiftnbd.pid")
+        defer { if let pid = Self.readPid(pidFile) { Self.stop(pid) } }
+
+        // `cat` ends only when every writer of the pipe has closed it; timeout(1) exits 124
+        // if that takes 20 s.
+        let result = try Tools.run("timeout", [
+            "20", "sh", "-c", #""$0" --fork --pid-file "$1" -t -r -p "$2" -b 127.0.0.1 "$3" 2>&1 | cat"#,
+            Paths.serverBinary, pidFile, "\(port)", image,
+        ])
+        #expect(result.status == 0, "the pipe stayed open (status \(result.status)): \(result.stdout)")
+        let pid = try #require(Self.readPid(pidFile))
+        #expect(ProcessTable.isRunning(pid))
+        kill(pid, SIGTERM)
+        #expect(ProcessTable.waitUntilGone(pid, timeout: .seconds(10)))
+    }
 }
