@@ -5,7 +5,7 @@ packages=(
     pkg-config zlib1g-dev libzstd-dev libnbd-dev    # build
     qemu-utils libnbd-bin python3-libnbd nbdkit fio # real NBD peers and reference servers
     systemd firewalld                                # unit verification, firewalld service check
-    make man-db                                      # make install/uninstall test, man page checks
+    make man-db strace                               # make install test, man page checks, syscalls vs unit sandbox
     libguestfs-tools linux-image-amd64 e2fsprogs     # end to end: virt-df and guestfish over nbd://
 )
 missing=()
