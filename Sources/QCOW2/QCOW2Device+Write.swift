@@ -432,6 +432,7 @@ extension QCOW2Device {
 
     func writeBytes(_ bytes: [UInt8], at offset: UInt64, what: String) throws(DeviceError) {
         do throws(Errno) {
+            try crashSimulator.permitWrite()
             try file.write(bytes: bytes, at: offset)
         } catch {
             throw .system(error, "writing qcow2 \(what) at \(offset)")
@@ -440,7 +441,10 @@ extension QCOW2Device {
 
     func writeBytes(_ raw: UnsafeRawBufferPointer, to handle: FileHandle, at offset: UInt64,
                     what: String) throws(DeviceError) {
-        do throws(Errno) { try handle.write(raw, at: offset) } catch {
+        do throws(Errno) {
+            try crashSimulator.permitWrite()
+            try handle.write(raw, at: offset)
+        } catch {
             throw .system(error, "writing qcow2 \(what) at \(offset)")
         }
     }

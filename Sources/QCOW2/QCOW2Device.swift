@@ -34,6 +34,8 @@ public final class QCOW2Device: BlockDevice {
     let inFlight = Mutex<[Range<UInt64>]>([])
     /// Set when metadata was found inconsistent while writing; writes are then refused.
     let markedCorrupt = Atomic(false)
+    /// Test hook: fails every write after a given number, like a crash.
+    let crashSimulator = CrashSimulator()
     let backing: (any BlockDevice)?
     let l2Cache: L2Cache
     /// The image file's size, for bounds checks on metadata; refreshed on demand.
@@ -156,6 +158,7 @@ public final class QCOW2Device: BlockDevice {
                                                    canCache: true, canMultiConn: true,
                                                    preferredBlockSize: UInt32(min(geometry.clusterSize, 65536)))
             let clusterSize = geometry.clusterSize
+            refcounts?.crashSimulator = crashSimulator
             refcounts?.isBusy = { [unowned self] host in
                 self.inFlight.withLock { $0.contains { $0.overlaps(host..<host + clusterSize) } }
             }

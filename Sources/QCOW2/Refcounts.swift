@@ -67,6 +67,7 @@ final class RefcountManager: @unchecked Sendable {
     private var freeCursor: UInt64 = 0
     /// Clusters with I/O in flight outside the lock; never handed out again until it ends.
     var isBusy: (UInt64) -> Bool = { _ in false }
+    var crashSimulator: CrashSimulator?
 
     init(file: FileHandle, header: QCOW2Header, fileSize: UInt64) throws(QCOW2Error) {
         self.file = file
@@ -226,6 +227,7 @@ final class RefcountManager: @unchecked Sendable {
 
     private func write(_ bytes: [UInt8], at offset: UInt64, what: String) throws(DeviceError) {
         do throws(Errno) {
+            try crashSimulator?.permitWrite()
             try file.write(bytes: bytes, at: offset)
         } catch {
             throw .system(error, "writing qcow2 \(what) at \(offset)")
