@@ -51,8 +51,7 @@ import TestSupport
     /// Serves a qcow2 image the way swiftnbd@.service runs it, under `strace -f`: reads,
     /// writes into new clusters, a flush, a client dropped by the handshake timeout, SIGTERM.
     /// Returns the trace.
-    static func traceServeSession(scratch: TemporaryDirectory) throws -> String {
-        let image = scratch.file("disk.qcow2")
+    static func traceServeSession(scratch: TemporaryDirectory, image: String) throws -> String {
         try ImageFactory.create(image, format: "qcow2", size: "64M")
         try ImageFactory.io(image, format: "qcow2", ["write -P 0x5a 0 2M"])
         let port = try LoopbackTCP.freePort()
@@ -83,7 +82,8 @@ import TestSupport
 
     @Test(.timeLimit(.minutes(3))) func serveSessionStaysInsideTheUnitsSandbox() throws {
         let scratch = try TemporaryDirectory("swiftnbd-sandbox")
-        let trace = try Self.traceServeSession(scratch: scratch)
+        let image = scratch.file("disk.qcow2")
+        let trace = try Self.traceServeSession(scratch: scratch, image: image)
 
         // Lines look like `1234  openat(AT_FDCWD, ...) = 3` or `1234  <... read resumed>...`.
         let call = /^\d+\s+([a-z0-9_]+)\(/
@@ -104,5 +104,13 @@ import TestSupport
         let permitted = Set(try Self.settings("RestrictAddressFamilies", in: "swiftnbd@.service")
             .flatMap { $0.split(separator: " ").map(String.init) })
         #expect(families.isSubset(of: permitted), "sockets of \(families.subtracting(permitted).sorted())")
+
+        // ProtectSystem=strict leaves only ReadWritePaths= (the image folder) writable: the
+        // server may open nothing but the image for writing.
+        let writable = /openat\([^,]+, "([^"]+)", [^)]*(O_WRONLY|O_RDWR|O_CREAT)/
+        let written = Set(trace.split(separator: "\n").compactMap { line in
+            (try? writable.firstMatch(in: line)).map { String($0.output.1) }
+        })
+        #expect(written == [image], "opened for writing: \(written.sorted())")
     }
 }
