@@ -234,6 +234,13 @@ extension QCOW2Device {
                 host = oldHost
             }
         }
+        // Extended L2: only the touched subclusters are written and marked
+        // allocated; the others keep reading from the backing file or as zeros.
+        if g.extendedL2 && !compressed && (host != nil || oldHost == 0) {
+            try writeSubclusters(data, at: guest, l2Offset: l2Offset, index: index, old: old,
+                                 bitmap: table.entries[index * 2 + 1], host: host)
+            return
+        }
 
         // The whole cluster: what it reads as now (backing, compressed, zeros), with `data` over it.
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(g.clusterSize), alignment: 4096)
@@ -259,6 +266,36 @@ extension QCOW2Device {
         }
         try setL2Entry(l2Offset: l2Offset, index: index, entry: newHost | EntryBits.copied,
                        bitmap: g.extendedL2 ? 0xFFFF_FFFF : 0)
+        if host == nil { try release(old) }
+    }
+
+    /// Writes `data` into the subclusters it touches of an extended-L2
+    /// cluster at `host` (owned), or at a newly allocated cluster when `host`
+    /// is nil. Partly touched subclusters keep their other bytes.
+    private func writeSubclusters(_ data: UnsafeRawBufferPointer, at guest: UInt64, l2Offset: UInt64, index: Int,
+                                  old: UInt64, bitmap: UInt64, host: UInt64?) throws(DeviceError) {
+        let g = geometry
+        let clusterStart = guest & ~(g.clusterSize - 1)
+        let into = guest - clusterStart
+        let first = into >> UInt64(g.unitBits), last = (into + UInt64(data.count) - 1) >> UInt64(g.unitBits)
+        let regionStart = clusterStart + (first << UInt64(g.unitBits))
+        let regionLength = Int((last - first + 1) << UInt64(g.unitBits))
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: regionLength, alignment: 4096)
+        defer { buffer.deallocate() }
+        buffer.initializeMemory(as: UInt8.self, repeating: 0)
+        let valid = Int(min(UInt64(regionLength), size - regionStart))
+        let offsetInRegion = Int(guest - regionStart)
+        if !(offsetInRegion == 0 && data.count == valid) {
+            try read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<valid]), at: regionStart)
+        }
+        UnsafeMutableRawBufferPointer(rebasing: buffer[offsetInRegion..<offsetInRegion + data.count]).copyMemory(from: data)
+        let newHost: UInt64
+        if let host { newHost = host } else { newHost = try refcounts!.allocate() }
+        try writeBytes(UnsafeRawBufferPointer(buffer), to: dataFile ?? file,
+                       at: newHost + (regionStart - clusterStart), what: "data")
+        let touched = ((UInt64(1) << (last - first + 1)) - 1) << first
+        let newBitmap = (bitmap | touched) & ~(touched << 32)
+        try setL2Entry(l2Offset: l2Offset, index: index, entry: newHost | EntryBits.copied, bitmap: newBitmap)
         if host == nil { try release(old) }
     }
 

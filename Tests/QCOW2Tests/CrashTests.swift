@@ -13,6 +13,7 @@ import Testing
         WriteTests.kinds[0],  // v3 64k
         WriteTests.kinds[9],  // 512-byte clusters, 64-bit refcounts: blocks and table growth
         WriteTests.kinds[10],  // backing chain
+        WriteTests.kinds[12],  // extended L2 over a backing file
         WriteTests.kinds[13],  // compressed zstd
         WriteTests.Kind(name: "snapshot-shared", make: { dir in
             let path = try WriteTests.plain("compat=1.1,cluster_size=4k")(dir)

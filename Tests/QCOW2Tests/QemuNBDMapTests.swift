@@ -105,3 +105,30 @@ import Testing
         try Self.check(path, dir: dir)
     }
 }
+
+/// Writes through QCOW2Device to an extended-L2 image over a backing file
+/// allocate only the touched subclusters: qemu-nbd then reports the same
+/// map and allocation depth as we do, and qemu reads the same bytes.
+@Suite struct SubclusterWriteTests {
+    @Test func subclusterWritesMatchQemu() throws {
+        let dir = try TemporaryDirectory("qcow2-subwrite")
+        let top = try ChainAndFeatureTests.makeChain(dir, topOptions: ["extended_l2=on"])
+        var model = try Q.qemuRaw(top, scratch: dir)
+        let device = try QCOW2Device(path: top, readOnly: false)
+        let writes: [(UInt64, Int)] = [(4096, 100), (2048 * 5 + 7, 3000), (700 * 1024, 2048), (2 << 20, 6000),
+                                       (3 * 65536 - 10, 20)]
+        for (offset, length) in writes {
+            let bytes = [UInt8](repeating: UInt8(length % 251), count: length)
+            try bytes.withUnsafeBytes { try device.write($0, at: offset, fua: false) }
+            model.replaceSubrange(Int(offset)..<Int(offset) + length, with: bytes)
+        }
+        device.close()
+        try WriteTests.expectConsistent(top, model: model, dir: dir)
+        try QemuNBDMapTests.check(top, dir: dir)
+        let depth = try QCOW2Device(path: top, readOnly: true)
+        defer { depth.close() }
+        // 700 KiB lies in a cluster the top never wrote before: only its 2 KiB subcluster is local.
+        #expect(try depth.allocationDepth(at: 700 * 1024, length: 2048) == [DepthExtent(length: 2048, depth: 1)])
+        #expect(try depth.allocationDepth(at: 702 * 1024, length: 2048).first?.depth != 1)
+    }
+}
