@@ -56,6 +56,13 @@ extension QCOW2Device {
         guard offset <= size, UInt64(buffer.count) <= size - offset else {
             throw DeviceError(.invalid, "read of \(buffer.count) bytes at \(offset) is past the end of the disk")
         }
+        // A read whose clusters were moved by a concurrent write starts over (see `pin`).
+        for _ in 0..<64 where try readOnce(into: buffer, at: offset) { return }
+        throw DeviceError(.io, "qcow2: the clusters of a read at \(offset) kept moving under concurrent writes")
+    }
+
+    /// Reads once; returns false if a cluster was moved before it could be read.
+    private func readOnce(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(DeviceError) -> Bool {
         // Host-contiguous data runs are gathered and read with one pread.
         var pendingHost: UInt64 = 0, pendingStart = 0, pendingLength = 0
         var position = 0
@@ -69,7 +76,8 @@ extension QCOW2Device {
                     && host == pendingHost + UInt64(pendingLength) {
                     pendingLength += length
                 } else {
-                    try readData(into: buffer, from: pendingStart, count: pendingLength, host: pendingHost)
+                    guard try readData(into: buffer, from: pendingStart, count: pendingLength, host: pendingHost,
+                                       guest: offset + UInt64(pendingStart)) else { return false }
                     (pendingHost, pendingStart, pendingLength) = (host, position, length)
                 }
                 position += length
@@ -81,7 +89,8 @@ extension QCOW2Device {
             case .zero:
                 target.initializeMemory(as: UInt8.self, repeating: 0)
             case .compressed(let host, let compressedLength):
-                try readCompressed(into: target, guestOffset: guest, host: host, compressedLength: compressedLength)
+                guard try readCompressed(into: target, guestOffset: guest, host: host,
+                                         compressedLength: compressedLength) else { return false }
             case .invalid(let reason):
                 throw DeviceError(.io, "qcow2 metadata at virtual offset \(guest): \(reason)")
             case .data:
@@ -89,24 +98,61 @@ extension QCOW2Device {
             }
             position += length
         }
-        try readData(into: buffer, from: pendingStart, count: pendingLength, host: pendingHost)
+        return try readData(into: buffer, from: pendingStart, count: pendingLength, host: pendingHost,
+                            guest: offset + UInt64(pendingStart))
+    }
+
+    /// On a writable image, keeps `length` bytes at `host` from being freed and
+    /// reused until `unpin`, then checks that `guest` still maps there (for
+    /// compressed data, that its cluster still is that compressed cluster).
+    /// Returns false, unpinned, if the mapping changed meanwhile: a write
+    /// moved the data, and reading `host` could return another range's bytes.
+    /// Writers update the L2 entry before freeing what it pointed to, and the
+    /// allocator skips pinned ranges, so a mapping seen after pinning stays
+    /// readable until unpinned.
+    private func pin(host: UInt64, length: UInt64, guest: UInt64, compressed: Bool) throws(DeviceError) -> Bool {
+        guard writable, dataFile == nil else { return true }
+        inFlight.withLock { $0.append(host..<host + length) }
+        var still = true
+        if compressed {
+            if case .compressed(let now, _) = try run(at: guest, limit: 1).0 { still = now == host } else { still = false }
+        } else {
+            var position: UInt64 = 0
+            while still && position < length {
+                let (mapping, n) = try run(at: guest + position, limit: length - position)
+                if case .data(let now) = mapping, now == host + position { position += n } else { still = false }
+            }
+        }
+        if !still { unpin(host: host, length: length) }
+        return still
+    }
+
+    private func unpin(host: UInt64, length: UInt64) {
+        guard writable else { return }
+        inFlight.withLock { ranges in
+            if let i = ranges.firstIndex(of: host..<host + length) { ranges.remove(at: i) }
+        }
     }
 
     private func readData(into buffer: UnsafeMutableRawBufferPointer, from start: Int, count: Int,
-                          host: UInt64) throws(DeviceError) {
-        guard count > 0 else { return }
+                          host: UInt64, guest: UInt64) throws(DeviceError) -> Bool {
+        guard count > 0 else { return true }
         let target = UnsafeMutableRawBufferPointer(rebasing: buffer[start..<start + count])
         if let dataFile {
             // External data files may be sparse and shorter than the disk.
             do throws(Errno) { try dataFile.read(into: target, at: host, zeroFillPastEOF: true) } catch {
                 throw .system(error, "reading qcow2 external data file at \(host)")
             }
-            return
+            return true
         }
         try requireInImage(host, length: UInt64(count), what: "data cluster")
+        testHookBeforeDataRead?(guest)
+        guard try pin(host: host, length: UInt64(count), guest: guest, compressed: false) else { return false }
+        defer { unpin(host: host, length: UInt64(count)) }
         do throws(Errno) { try file.read(into: target, at: host, zeroFillPastEOF: true) } catch {
             throw .system(error, "reading qcow2 data at \(host)")
         }
+        return true
     }
 
     /// Reads from the backing file, with zeros past its end or when there is none.
@@ -126,10 +172,14 @@ extension QCOW2Device {
     /// Buffers are allocated per compressed cluster only; a request covering the
     /// whole cluster is decompressed straight into the caller's buffer.
     private func readCompressed(into target: UnsafeMutableRawBufferPointer, guestOffset: UInt64, host: UInt64,
-                                compressedLength: Int) throws(DeviceError) {
+                                compressedLength: Int) throws(DeviceError) -> Bool {
         let clusterSize = Int(geometry.clusterSize)
         let intoCluster = Int(guestOffset & (geometry.clusterSize - 1))
         try requireInImage(host, length: UInt64(compressedLength), what: "compressed cluster")
+        guard try pin(host: host, length: UInt64(compressedLength), guest: guestOffset, compressed: true) else {
+            return false
+        }
+        defer { unpin(host: host, length: UInt64(compressedLength)) }
         let input = UnsafeMutableRawBufferPointer.allocate(byteCount: compressedLength, alignment: 8)
         defer { input.deallocate() }
         do throws(Errno) {
@@ -147,6 +197,7 @@ extension QCOW2Device {
         if !whole {
             target.copyMemory(from: UnsafeRawBufferPointer(rebasing: output[intoCluster..<intoCluster + target.count]))
         }
+        return true
     }
 }
 

@@ -36,6 +36,9 @@ public final class QCOW2Device: BlockDevice {
     let markedCorrupt = Atomic(false)
     /// Test hook: fails every write after a given number, like a crash.
     let crashSimulator = CrashSimulator()
+    /// Test hook: runs between a read's cluster lookup and its data read, to
+    /// make a concurrent write land in that window. Set before any request.
+    nonisolated(unsafe) var testHookBeforeDataRead: (@Sendable (UInt64) -> Void)?
     let backing: (any BlockDevice)?
     let l2Cache: L2Cache
     /// The image file's size, for bounds checks on metadata; refreshed on demand.

@@ -36,3 +36,72 @@ import Testing
 }
 
 import Synchronization
+
+/// Reads racing with trims and allocations never return another range's
+/// data: a cluster freed under a reader is not reused until the read ends.
+@Suite struct ReadWriteRaceTests {
+    @Test func readsNeverSeeReusedClusters() throws {
+        let dir = try TemporaryDirectory("qcow2-race")
+        let path = dir.file("race.qcow2")
+        try Q.img(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", path, "2M"])
+        let device = try QCOW2Device(path: path, readOnly: false)
+        defer { device.close() }
+        let cluster = 4096, watched = 0..<(256 * 1024), other = (1 << 20)..<(2 << 20)
+        let stop = Atomic(false), bad = Atomic(0)
+        DispatchQueue.concurrentPerform(iterations: 4) { role in
+            var rng = FuzzTests.SeededGenerator(state: UInt64(role) + 1)
+            var round = 0
+            while !stop.load(ordering: .relaxed) {
+                round += 1
+                switch role {
+                case 0:  // rewrite and trim the watched range; its values all have the high bit set
+                    let at = Int.random(in: 0..<(watched.count / cluster), using: &rng) * cluster
+                    let bytes = [UInt8](repeating: 0x80 | UInt8(round % 127), count: 4 * cluster)
+                    try? bytes.withUnsafeBytes { try device.write($0, at: UInt64(at), fua: false) }
+                    try? device.trim(at: UInt64(at), length: UInt64(4 * cluster), fua: false)
+                    if round > 1000 { stop.store(true, ordering: .relaxed) }
+                case 1:  // allocate elsewhere with 0x11, reusing whatever was freed
+                    let at = other.lowerBound + Int.random(in: 0..<(other.count / cluster), using: &rng) * cluster
+                    let bytes = [UInt8](repeating: 0x11, count: cluster)
+                    try? bytes.withUnsafeBytes { try device.write($0, at: UInt64(at), fua: false) }
+                    if round % 50 == 0 { try? device.trim(at: UInt64(other.lowerBound), length: UInt64(other.count), fua: false) }
+                default:  // read the watched range: zeros or a high-bit pattern, never 0x11
+                    var buffer = [UInt8](repeating: 0, count: 4 * cluster)
+                    let at = Int.random(in: 0..<(watched.count / cluster - 4), using: &rng) * cluster
+                    let ok = buffer.withUnsafeMutableBytes { (try? device.read(into: $0, at: UInt64(at))) != nil }
+                    if !ok || buffer.contains(0x11) { bad.add(1, ordering: .relaxed) }
+                }
+            }
+        }
+        #expect(bad.load(ordering: .relaxed) == 0)
+    }
+}
+
+/// The same race made certain: between a read's lookup and its data read,
+/// the range is trimmed and its cluster reused for other data. The read
+/// must notice and return the trimmed range's zeros.
+@Suite struct ReadRetryTests {
+    @Test func readRetriesWhenItsClusterIsReused() throws {
+        let dir = try TemporaryDirectory("qcow2-retry")
+        let path = dir.file("retry.qcow2")
+        try Q.img(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", path, "1M"])
+        let device = try QCOW2Device(path: path, readOnly: false)
+        defer { device.close() }
+        try [UInt8](repeating: 0xAA, count: 4096).withUnsafeBytes { try device.write($0, at: 0, fua: false) }
+        let fired = Atomic(false)
+        device.testHookBeforeDataRead = { [unowned device] _ in
+            guard !fired.exchange(true, ordering: .relaxed) else { return }
+            try? device.trim(at: 0, length: 4096, fua: false)
+            // The freed cluster is the first free one: this allocation would take it.
+            try? [UInt8](repeating: 0x11, count: 4096).withUnsafeBytes { try device.write($0, at: 65536, fua: false) }
+        }
+        var buffer = [UInt8](repeating: 0xEE, count: 4096)
+        try buffer.withUnsafeMutableBytes { try device.read(into: $0, at: 0) }
+        let hookRan = fired.load(ordering: .relaxed)
+        #expect(hookRan)
+        #expect(buffer.allSatisfy { $0 == 0 }, "the read returned another range's data")
+        var other = [UInt8](repeating: 0, count: 4096)
+        try other.withUnsafeMutableBytes { try device.read(into: $0, at: 65536) }
+        #expect(other.allSatisfy { $0 == 0x11 })
+    }
+}

@@ -1,0 +1,373 @@
+import BlockDevice
+import Synchronization
+import SystemIO
+
+/// Cluster-level operations behind the write requests. All but the data
+/// write of `writeInPlace` run under `metadataLock`.
+
+extension QCOW2Device {
+    var entryWords: Int { geometry.extendedL2 ? 2 : 1 }
+
+    /// Writes in place if `data` starts in a cluster this image owns alone and
+    /// whose touched units are allocated; returns the bytes written (over as
+    /// many host-contiguous clusters of one L2 table as qualify), or nil.
+    func writeInPlace(_ data: UnsafeRawBufferPointer, at guest: UInt64) throws(DeviceError) -> Int? {
+        let g = geometry
+        let target: (host: UInt64, length: Int)? = try withMetadataLock { () throws(DeviceError) in
+            let l1Index = guest / g.bytesPerL2
+            let l1Entry = l1Table.withLock { l1Index < UInt64($0.count) ? $0[Int(l1Index)] : 0 }
+            let l2Offset = l1Entry & EntryBits.offsetMask
+            guard l2Offset != 0 else { return nil }
+            let table = try l2Cache.table(at: l2Offset) { () throws(DeviceError) in
+                try loadL2Table(at: l2Offset, l1Index: l1Index)
+            }
+            var index = Int((guest % g.bytesPerL2) >> UInt64(g.clusterBits))
+            var position = guest, remaining = UInt64(data.count)
+            var firstHost: UInt64?, length: UInt64 = 0
+            while remaining > 0 && index < g.l2Entries {
+                let into = position & (g.clusterSize - 1)
+                let n = min(remaining, g.clusterSize - into)
+                guard let host = ownedHost(table, index: index, from: into, length: n) else { break }
+                if let firstHost, firstHost + length != host + into { break }
+                if firstHost == nil { firstHost = host + into }
+                length += n
+                remaining -= n
+                position += n
+                index += 1
+            }
+            guard let firstHost, length > 0 else { return nil }
+            if dataFile == nil { inFlight.withLock { $0.append(firstHost..<firstHost + length) } }
+            return (firstHost, Int(length))
+        }
+        guard let target else { return nil }
+        defer {
+            if dataFile == nil {
+                inFlight.withLock { ranges in
+                    if let i = ranges.firstIndex(of: target.host..<target.host + UInt64(target.length)) {
+                        ranges.remove(at: i)
+                    }
+                }
+            }
+        }
+        try writeBytes(UnsafeRawBufferPointer(rebasing: data[..<target.length]), to: dataFile ?? file,
+                       at: target.host, what: "data")
+        return target.length
+    }
+
+    /// The host cluster of entry `index` if it is plain data owned by this
+    /// image alone with every unit in [from, from+length) allocated.
+    func ownedHost(_ table: L2Table, index: Int, from: UInt64, length: UInt64) -> UInt64? {
+        let g = geometry
+        let entry = table.entries[index * entryWords]
+        guard entry & EntryBits.compressed == 0, entry & EntryBits.copied != 0 else { return nil }
+        let host = entry & EntryBits.offsetMask
+        guard host & (g.clusterSize - 1) == 0, host != 0 || dataFile != nil else { return nil }
+        if g.extendedL2 {
+            let bitmap = table.entries[index * 2 + 1]
+            let first = Int(from >> UInt64(g.unitBits)), last = Int((from + length - 1) >> UInt64(g.unitBits))
+            for unit in first...last where bitmap & (1 << UInt64(unit)) == 0 { return nil }
+            return host
+        }
+        return entry & EntryBits.zero == 0 ? host : nil
+    }
+
+    /// Writes `data` (within one cluster) at `guest`, allocating or copying
+    /// the cluster as needed.
+    func writeCluster(_ data: UnsafeRawBufferPointer, at guest: UInt64) throws(DeviceError) {
+        let g = geometry
+        let clusterStart = guest & ~(g.clusterSize - 1)
+        let into = Int(guest - clusterStart)
+        let (l2Offset, index, table) = try writableL2(for: guest)
+        let old = table.entries[index * entryWords]
+        let oldHost = old & EntryBits.offsetMask
+        let compressed = old & EntryBits.compressed != 0
+        // Reuse the host cluster when this image owns it alone.
+        var host: UInt64?
+        if dataFile != nil {
+            host = clusterStart  // external data files map guest offsets one to one
+        } else if !compressed && oldHost != 0 {
+            if old & EntryBits.copied != 0 {
+                host = oldHost
+            } else if try refcounts!.refcount(of: oldHost) == 1 {
+                host = oldHost
+            }
+        }
+        // Extended L2: only the touched subclusters are written and marked
+        // allocated; the others keep reading from the backing file or as zeros.
+        if g.extendedL2 && !compressed && (host != nil || oldHost == 0) {
+            try writeSubclusters(data, at: guest, l2Offset: l2Offset, index: index, old: old,
+                                 bitmap: table.entries[index * 2 + 1], host: host)
+            return
+        }
+
+        // The whole cluster: what it reads as now (backing, compressed, zeros), with `data` over it.
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(g.clusterSize), alignment: 4096)
+        defer { buffer.deallocate() }
+        buffer.initializeMemory(as: UInt8.self, repeating: 0)
+        let valid = Int(min(g.clusterSize, size - clusterStart))
+        if !(into == 0 && data.count == valid) {
+            try read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<valid]), at: clusterStart)
+        }
+        UnsafeMutableRawBufferPointer(rebasing: buffer[into..<into + data.count]).copyMemory(from: data)
+
+        let newHost: UInt64
+        let endBefore = refcounts?.fileEnd ?? 0
+        if let host { newHost = host } else { newHost = try refcounts!.allocate() }
+        // A cluster past the old end of the file was never written and reads as zeros,
+        // so if the rest of the cluster is zeros only the new bytes need writing.
+        if host == nil, dataFile == nil, newHost >= endBefore,
+           QCOW2Device.isZero(UnsafeRawBufferPointer(rebasing: buffer[..<into])),
+           QCOW2Device.isZero(UnsafeRawBufferPointer(rebasing: buffer[(into + data.count)...])) {
+            try writeBytes(data, to: file, at: newHost + UInt64(into), what: "data")
+        } else {
+            try writeBytes(UnsafeRawBufferPointer(buffer), to: dataFile ?? file, at: newHost, what: "data")
+        }
+        try setL2Entry(l2Offset: l2Offset, index: index, entry: newHost | EntryBits.copied,
+                       bitmap: g.extendedL2 ? 0xFFFF_FFFF : 0)
+        if host == nil { try release(old) }
+    }
+
+    /// Writes `data` into the subclusters it touches of an extended-L2
+    /// cluster at `host` (owned), or at a newly allocated cluster when `host`
+    /// is nil. Partly touched subclusters keep their other bytes.
+    func writeSubclusters(_ data: UnsafeRawBufferPointer, at guest: UInt64, l2Offset: UInt64, index: Int,
+                                  old: UInt64, bitmap: UInt64, host: UInt64?) throws(DeviceError) {
+        let g = geometry
+        let clusterStart = guest & ~(g.clusterSize - 1)
+        let into = guest - clusterStart
+        let first = into >> UInt64(g.unitBits), last = (into + UInt64(data.count) - 1) >> UInt64(g.unitBits)
+        let regionStart = clusterStart + (first << UInt64(g.unitBits))
+        let regionLength = Int((last - first + 1) << UInt64(g.unitBits))
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: regionLength, alignment: 4096)
+        defer { buffer.deallocate() }
+        buffer.initializeMemory(as: UInt8.self, repeating: 0)
+        let valid = Int(min(UInt64(regionLength), size - regionStart))
+        let offsetInRegion = Int(guest - regionStart)
+        if !(offsetInRegion == 0 && data.count == valid) {
+            try read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<valid]), at: regionStart)
+        }
+        UnsafeMutableRawBufferPointer(rebasing: buffer[offsetInRegion..<offsetInRegion + data.count]).copyMemory(from: data)
+        let newHost: UInt64
+        if let host { newHost = host } else { newHost = try refcounts!.allocate() }
+        try writeBytes(UnsafeRawBufferPointer(buffer), to: dataFile ?? file,
+                       at: newHost + (regionStart - clusterStart), what: "data")
+        let touched = ((UInt64(1) << (last - first + 1)) - 1) << first
+        let newBitmap = (bitmap | touched) & ~(touched << 32)
+        try setL2Entry(l2Offset: l2Offset, index: index, entry: newHost | EntryBits.copied, bitmap: newBitmap)
+        if host == nil { try release(old) }
+    }
+
+    /// Writes whole clusters from `guest` (cluster-aligned) into newly
+    /// allocated, host-contiguous clusters, as many as one L2 table maps and
+    /// none of which this image owns alone (those are written in place).
+    /// Returns the bytes written, at least one cluster.
+    func writeWholeClusters(_ data: UnsafeRawBufferPointer, at guest: UInt64) throws(DeviceError) -> Int {
+        let g = geometry
+        let (l2Offset, index, table) = try writableL2(for: guest)
+        let limit = min(data.count >> g.clusterBits, g.l2Entries - index)
+        var count = 0
+        var old: [UInt64] = []
+        while count < limit {
+            let entry = table.entries[(index + count) * entryWords]
+            let owned = entry & EntryBits.compressed == 0 && entry & EntryBits.copied != 0
+                && (entry & EntryBits.offsetMask != 0 || dataFile != nil)
+            if owned && count > 0 { break }
+            if owned {
+                // Raced with an allocation since the in-place check: write this one in place.
+                try writeCluster(UnsafeRawBufferPointer(rebasing: data[..<Int(g.clusterSize)]), at: guest)
+                return Int(g.clusterSize)
+            }
+            old.append(entry)
+            count += 1
+        }
+        let length = count << g.clusterBits
+        let host = try dataFile != nil ? guest : refcounts!.allocate(count: count)
+        try writeBytes(UnsafeRawBufferPointer(rebasing: data[..<length]), to: dataFile ?? file, at: host, what: "data")
+        let bitmap: UInt64 = g.extendedL2 ? 0xFFFF_FFFF : 0
+        try setL2Entries(l2Offset: l2Offset, index: index,
+                         (0..<count).map { (host + (UInt64($0) << UInt64(g.clusterBits))) | EntryBits.copied },
+                         bitmap: bitmap)
+        for entry in old { try release(entry) }
+        return length
+    }
+
+    /// Sets the zero flag (or, with extended L2, every zero bit) on the
+    /// cluster at `guest`, keeping an owned host cluster unless `deallocate`.
+    func zeroCluster(at guest: UInt64, deallocate: Bool) throws(DeviceError) {
+        let (l2Offset, index, table) = try writableL2(for: guest)
+        let old = table.entries[index * entryWords]
+        let oldHost = old & EntryBits.offsetMask
+        var keep = false
+        if !deallocate && old & EntryBits.compressed == 0 && (oldHost != 0 || dataFile != nil)
+            && old & EntryBits.copied != 0 {
+            keep = true
+        }
+        let hostBits = keep ? oldHost | EntryBits.copied : 0
+        if geometry.extendedL2 {
+            try setL2Entry(l2Offset: l2Offset, index: index, entry: hostBits, bitmap: 0xFFFF_FFFF << 32)
+        } else {
+            try setL2Entry(l2Offset: l2Offset, index: index, entry: hostBits | EntryBits.zero, bitmap: 0)
+        }
+        if !keep { try release(old) }
+    }
+
+    /// Makes the cluster at `guest` unallocated (reads from backing, or zeros).
+    func deallocateCluster(at guest: UInt64) throws(DeviceError) {
+        let g = geometry
+        let l1Index = guest / g.bytesPerL2
+        let l1Entry = l1Table.withLock { l1Index < UInt64($0.count) ? $0[Int(l1Index)] : 0 }
+        guard l1Entry & EntryBits.offsetMask != 0 else { return }  // already unallocated
+        let (l2Offset, index, table) = try writableL2(for: guest)
+        let old = table.entries[index * entryWords]
+        guard old != 0 || (g.extendedL2 && table.entries[index * 2 + 1] != 0) else { return }
+        try setL2Entry(l2Offset: l2Offset, index: index, entry: 0, bitmap: 0)
+        try release(old)
+    }
+
+    /// Drops this image's reference to what an L2 entry pointed to.
+    func release(_ entry: UInt64) throws(DeviceError) {
+        guard dataFile == nil, let refcounts else { return }  // data file clusters are not refcounted
+        if entry & EntryBits.compressed != 0 {
+            if case .compressed(let host, let length) = Mapping.decode(entry: entry, bitmap: 0, unit: 0,
+                                                                       geometry: geometry) {
+                try refcounts.free(host: host, length: UInt64(length))
+            }
+            return
+        }
+        let host = entry & EntryBits.offsetMask
+        if host != 0 { try refcounts.adjustRefcount(of: host, by: -1) }
+    }
+
+    /// The L2 table mapping `guest`, made writable: allocated if missing,
+    /// copied if shared with a snapshot. Returns its offset, the entry index
+    /// and the current table.
+    func writableL2(for guest: UInt64) throws(DeviceError) -> (UInt64, Int, L2Table) {
+        let g = geometry
+        guard let refcounts else { throw DeviceError(.readOnly, "qcow2 export is read-only") }
+        let l1Index = Int(guest / g.bytesPerL2)
+        let index = Int((guest % g.bytesPerL2) >> UInt64(g.clusterBits))
+        let l1Entry = l1Table.withLock { l1Index < $0.count ? $0[l1Index] : 0 }
+        guard l1Index < l1Table.withLock({ $0.count }) else {
+            throw DeviceError(.io, "qcow2 metadata: L1 table too small for offset \(guest)")
+        }
+        var l2Offset = l1Entry & EntryBits.offsetMask
+        if l2Offset == 0 {
+            let table = L2Table(entries: [UInt64](repeating: 0, count: g.l2Entries * entryWords))
+            l2Offset = try refcounts.allocate()
+            try writeBytes([UInt8](repeating: 0, count: Int(g.clusterSize)), at: l2Offset, what: "L2 table")
+            l2Cache.insert(table, at: l2Offset)
+            try setL1Entry(l1Index, l2Offset | EntryBits.copied)
+            return (l2Offset, index, table)
+        }
+        guard l2Offset & (g.clusterSize - 1) == 0 else {
+            throw DeviceError(.io, "qcow2 metadata: L1 entry \(l1Index) points to misaligned L2 table at \(l2Offset)")
+        }
+        let table = try l2Cache.table(at: l2Offset) { () throws(DeviceError) in
+            try loadL2Table(at: l2Offset, l1Index: UInt64(l1Index))
+        }
+        if l1Entry & EntryBits.copied != 0 { return (l2Offset, index, table) }
+        if try refcounts.refcount(of: l2Offset) == 1 {
+            try setL1Entry(l1Index, l2Offset | EntryBits.copied)
+            return (l2Offset, index, table)
+        }
+        // Shared with a snapshot: copy it. Its clusters' refcounts already count
+        // both tables (a snapshot adds one to every cluster it reaches), and none
+        // is owned alone, so COPIED is cleared throughout.
+        var entries = table.entries
+        for i in stride(from: 0, to: entries.count, by: entryWords) { entries[i] &= ~EntryBits.copied }
+        let copy = L2Table(entries: entries)
+        let newOffset = try refcounts.allocate()
+        try writeBytes(copy.bytes, at: newOffset, what: "L2 table")
+        l2Cache.insert(copy, at: newOffset)
+        try setL1Entry(l1Index, newOffset | EntryBits.copied)
+        try refcounts.adjustRefcount(of: l2Offset, by: -1)
+        return (newOffset, index, copy)
+    }
+
+    func setL1Entry(_ index: Int, _ value: UInt64) throws(DeviceError) {
+        try writeBytes(QCOW2Device.bigEndianBytes(value), at: header.l1TableOffset + UInt64(index) * 8, what: "L1 entry")
+        l1Table.withLock { $0[index] = value }
+    }
+
+    /// Replaces one L2 entry on disk and, as a new table object, in the cache.
+    func setL2Entry(l2Offset: UInt64, index: Int, entry: UInt64, bitmap: UInt64) throws(DeviceError) {
+        let table = try l2Cache.table(at: l2Offset) { () throws(DeviceError) in
+            try loadL2Table(at: l2Offset, l1Index: 0)
+        }
+        var entries = table.entries
+        entries[index * entryWords] = entry
+        var bytes = QCOW2Device.bigEndianBytes(entry)
+        if geometry.extendedL2 {
+            entries[index * 2 + 1] = bitmap
+            bytes += QCOW2Device.bigEndianBytes(bitmap)
+        }
+        try writeBytes(bytes, at: l2Offset + UInt64(index * entryWords * 8), what: "L2 entry")
+        l2Cache.insert(L2Table(entries: entries), at: l2Offset)
+    }
+
+    /// Replaces consecutive L2 entries from `index` with one write.
+    func setL2Entries(l2Offset: UInt64, index: Int, _ newEntries: [UInt64], bitmap: UInt64) throws(DeviceError) {
+        let table = try l2Cache.table(at: l2Offset) { () throws(DeviceError) in
+            try loadL2Table(at: l2Offset, l1Index: 0)
+        }
+        var entries = table.entries
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(newEntries.count * entryWords * 8)
+        for (i, entry) in newEntries.enumerated() {
+            entries[(index + i) * entryWords] = entry
+            bytes += QCOW2Device.bigEndianBytes(entry)
+            if geometry.extendedL2 {
+                entries[(index + i) * 2 + 1] = bitmap
+                bytes += QCOW2Device.bigEndianBytes(bitmap)
+            }
+        }
+        try writeBytes(bytes, at: l2Offset + UInt64(index * entryWords * 8), what: "L2 entries")
+        l2Cache.insert(L2Table(entries: entries), at: l2Offset)
+    }
+
+    func writeBytes(_ bytes: [UInt8], at offset: UInt64, what: String) throws(DeviceError) {
+        do throws(Errno) {
+            try crashSimulator.permitWrite()
+            try file.write(bytes: bytes, at: offset)
+        } catch {
+            throw .system(error, "writing qcow2 \(what) at \(offset)")
+        }
+    }
+
+    func writeBytes(_ raw: UnsafeRawBufferPointer, to handle: FileHandle, at offset: UInt64,
+                    what: String) throws(DeviceError) {
+        do throws(Errno) {
+            try crashSimulator.permitWrite()
+            try handle.write(raw, at: offset)
+        } catch {
+            throw .system(error, "writing qcow2 \(what) at \(offset)")
+        }
+    }
+}
+
+extension QCOW2Device {
+    static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        var words = bytes.count / 8, i = 0
+        guard let base = bytes.baseAddress else { return true }
+        while words > 0 {
+            if base.loadUnaligned(fromByteOffset: i, as: UInt64.self) != 0 { return false }
+            i += 8
+            words -= 1
+        }
+        while i < bytes.count {
+            if bytes[i] != 0 { return false }
+            i += 1
+        }
+        return true
+    }
+}
+
+extension L2Table {
+    /// The table's on-disk bytes.
+    var bytes: [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(entries.count * 8)
+        for e in entries { out += QCOW2Device.bigEndianBytes(e) }
+        return out
+    }
+}
