@@ -336,7 +336,24 @@ extension QCOW2Device {
         return result
     }
 
-    public func cache(at offset: UInt64, length: UInt64) throws(DeviceError) {}
+    /// Asks the kernel to read ahead the host ranges holding the range's data.
+    public func cache(at offset: UInt64, length: UInt64) throws(DeviceError) {
+        let end = offset + min(length, size - min(offset, size))
+        var position = offset
+        while position < end {
+            let (mapping, n) = try run(at: position, limit: end - position)
+            switch mapping {
+            case .data(let host): (dataFile ?? file).prefetch(at: host, length: n)
+            case .compressed(let host, let length): file.prefetch(at: host, length: UInt64(length))
+            case .unallocated:
+                if let backing, position < backing.size {
+                    try backing.cache(at: position, length: min(n, backing.size - position))
+                }
+            case .zero, .invalid: break
+            }
+            position += n
+        }
+    }
 }
 
 extension DeviceError {

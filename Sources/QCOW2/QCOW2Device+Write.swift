@@ -52,26 +52,33 @@ extension QCOW2Device {
 
     /// Makes a range read as zeros: v3 images set the zero flag on whole
     /// clusters (keeping the allocation unless `mayDeallocate`), partial
-    /// clusters and v2 images get real zeros. `fast` is refused
-    /// (`.notSupported`) unless only zero flags are needed.
+    /// clusters and v2 images get real zeros, and parts that already read
+    /// as zeros are left alone. `fast` is refused (`.notSupported`) unless
+    /// no data has to be written.
     public func writeZeroes(at offset: UInt64, length: UInt64, mayDeallocate: Bool, fast: Bool,
                             fua: Bool) throws(DeviceError) {
         try requireWritable(offset: offset, length: length)
         let end = offset + length
         let flags = canUseZeroFlag
+        let cluster = geometry.clusterSize
         if fast {
-            let cluster = geometry.clusterSize
-            guard flags, offset & (cluster - 1) == 0, end & (cluster - 1) == 0 || end == size else {
-                throw DeviceError(.notSupported, "qcow2: zeroing this range needs data writes")
-            }
+            let head = min(end, (offset + cluster - 1) & ~(cluster - 1)) - offset
+            let tailStart = max(offset + head, end == size ? end : end & ~(cluster - 1))
+            // Partial clusters at the edges, and everything without zero flags, must already be zeros.
+            var cheap = try readsAsZeros(at: offset, length: head)
+            if cheap { cheap = try readsAsZeros(at: tailStart, length: end - tailStart) }
+            if cheap && !flags { cheap = try readsAsZeros(at: offset, length: length) }
+            guard cheap else { throw DeviceError(.notSupported, "qcow2: zeroing this range needs data writes") }
         }
         var position = offset
         while position < end {
-            let clusterStart = position & ~(geometry.clusterSize - 1)
-            let clusterEnd = min(clusterStart + geometry.clusterSize, size)
+            let clusterStart = position & ~(cluster - 1)
+            let clusterEnd = min(clusterStart + cluster, size)
             let n = min(clusterEnd, end) - position
             let whole = position == clusterStart && position + n == clusterEnd
-            if whole && flags {
+            if !(whole && mayDeallocate), try readsAsZeros(at: position, length: n) {
+                // Already zeros (a zero cluster, or unallocated with nothing below): nothing to do.
+            } else if whole && flags {
                 try withMetadataLock { () throws(DeviceError) in
                     try zeroCluster(at: clusterStart, deallocate: mayDeallocate)
                 }
@@ -108,6 +115,22 @@ extension QCOW2Device {
     }
 
     private var canUseZeroFlag: Bool { header.version >= 3 && !header.dataFileIsRaw }
+
+    /// Whether the range reads as zeros from metadata alone: zero clusters,
+    /// or unallocated ones with no backing data below (data is not scanned).
+    private func readsAsZeros(at offset: UInt64, length: UInt64) throws(DeviceError) -> Bool {
+        var position = offset
+        while position < offset + length {
+            let (mapping, n) = try run(at: position, limit: offset + length - position)
+            switch mapping {
+            case .zero: break
+            case .unallocated where backing == nil || position >= backing!.size: break
+            default: return false
+            }
+            position += n
+        }
+        return true
+    }
 
     private func requireWritable(offset: UInt64, length: UInt64) throws(DeviceError) {
         guard writable else { throw DeviceError(.readOnly, "qcow2 export is read-only") }

@@ -103,7 +103,7 @@ import Testing
                 try bytes.withUnsafeBytes { try device.write($0, at: offset, fua: false) }
                 model.replaceSubrange(Int(offset)..<Int(offset) + bytes.count, with: bytes)
             case .zero(let offset, let length, let mayDeallocate):
-                try device.writeZeroes(at: offset, length: length, mayDeallocate: mayDeallocate, fast: false, fua: false)
+                try zero(device, at: offset, length: length, mayDeallocate: mayDeallocate)
                 model.replaceSubrange(Int(offset)..<Int(offset + length), with: repeatElement(0, count: Int(length)))
             case .trim(let offset, let length):
                 try device.trim(at: offset, length: length, fua: false)
@@ -114,6 +114,16 @@ import Testing
                     model.replaceSubrange(Int(start)..<Int(end), with: repeatElement(0, count: Int(end - start)))
                 }
             }
+        }
+    }
+
+    /// Zeroes the fast way first, as NBD clients do, falling back when that is refused.
+    static func zero(_ device: QCOW2Device, at offset: UInt64, length: UInt64, mayDeallocate: Bool) throws(DeviceError) {
+        do throws(DeviceError) {
+            try device.writeZeroes(at: offset, length: length, mayDeallocate: mayDeallocate, fast: true, fua: false)
+        } catch {
+            guard error.kind == .notSupported else { throw error }
+            try device.writeZeroes(at: offset, length: length, mayDeallocate: mayDeallocate, fast: false, fua: false)
         }
     }
 
@@ -225,6 +235,8 @@ import Testing
             try device.writeZeroes(at: 0, length: 65536, mayDeallocate: false, fast: true, fua: false)
         }
         #expect(error?.kind == .notSupported)
+        // Where nothing is allocated, even v2 zeroes fast: there is nothing to do.
+        try device.writeZeroes(at: 2560 * 1024, length: 65536, mayDeallocate: false, fast: true, fua: false)
         let past = #expect(throws: DeviceError.self) {
             try [UInt8](repeating: 1, count: 10).withUnsafeBytes { try device.write($0, at: device.size - 5, fua: true) }
         }
