@@ -1,123 +1,73 @@
 import Foundation
+import Glibc
 
 /// A real `swiftnbd` process started for a test, on a loopback port the
-/// kernel chose; stopped by PID.
+/// kernel chose; stopped by PID. Started through `SpawnedProcess`, so it
+/// gets a clean signal mask whichever test-runner thread starts it.
 public final class ServerProcess: @unchecked Sendable {
-    public let process: Process
+    public let process: SpawnedProcess
     public let port: Int
-    public var pid: Int32 { process.processIdentifier }
+    public var pid: Int32 { process.pid }
     public var uri: String { "nbd://127.0.0.1:\(port)" }
-    private let stderrLines = StderrCollector()
+    /// Holds the server's stdout and stderr (`output.log`) until the server is released.
+    private let scratch: TemporaryDirectory
 
     /// The built binary, next to the test bundle.
-    public static var binary: String {
-        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-        return URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("swiftnbd").path
-    }
+    public static var binary: String { Paths.serverBinary }
 
     /// Starts `swiftnbd -b 127.0.0.1 -p 0 -v ARGS` and waits until it says which port it listens on,
     /// on stderr or, with `portFromLog`, in that log file.
     public init(_ arguments: [String], portFromLog logFile: String? = nil, timeout: TimeInterval = 30) throws {
-        process = Process()
-        process.executableURL = URL(fileURLWithPath: Self.binary)
-        process.arguments = ["-b", "127.0.0.1", "-p", "0", "-v"] + arguments
-        let pipe = Pipe()
-        process.standardError = pipe
-        process.standardOutput = FileHandle.nullDevice
-        process.standardInput = FileHandle.nullDevice
-        try process.run()
-        stderrLines.drain(pipe.fileHandleForReading)
-        let line = logFile.map { Self.waitForLine(in: $0, containing: "port=", timeout: timeout) }
-            ?? stderrLines.waitForLine(containing: "port=", timeout: timeout)
-        guard let line,
+        scratch = try TemporaryDirectory("swiftnbd-server")
+        process = try SpawnedProcess(Self.binary, ["-b", "127.0.0.1", "-p", "0", "-v"] + arguments,
+                                     logPath: scratch.file("output.log"))
+        let source = logFile ?? process.logPath
+        guard let line = Self.waitForLine(in: source, containing: "port=", while: process, timeout: timeout),
               let range = line.range(of: #"port=(\d+)"#, options: .regularExpression),
               let port = Int(line[range].dropFirst(5))
         else {
-            process.terminate()
-            throw ToolError(command: "swiftnbd \(arguments.joined(separator: " "))", status: -1,
-                            stderr: stderrLines.text)
+            process.stop()
+            throw ToolError(command: "swiftnbd \(arguments.joined(separator: " "))",
+                            status: process.exited?.status ?? -1, stderr: process.log)
         }
         self.port = port
     }
 
-    private static func waitForLine(in file: String, containing needle: String, timeout: TimeInterval) -> String? {
+    /// Polls `file` for a line holding `needle` until `timeout`, or until `process` has exited
+    /// without writing it.
+    private static func waitForLine(in file: String, containing needle: String, while process: SpawnedProcess,
+                                    timeout: TimeInterval) -> String? {
         let deadline = Date().addingTimeInterval(timeout)
-        while Date() < deadline {
+        while true {
+            let gone = process.exited != nil  // read before the file, so a last line isn't missed
             if let text = try? String(contentsOfFile: file, encoding: .utf8),
                let line = text.split(separator: "\n").first(where: { $0.contains(needle) }) {
                 return String(line)
             }
+            if gone || Date() >= deadline { return nil }
             usleep(10_000)
         }
-        return nil
     }
 
-    /// Everything the server has logged so far.
-    public var log: String { stderrLines.text }
+    /// Everything the server has written to stdout and stderr so far.
+    public var log: String { process.log }
 
-    public var isRunning: Bool { process.isRunning }
+    public var isRunning: Bool { process.exited == nil }
 
-    /// Sends SIGTERM and waits for the exit status.
+    /// Sends SIGTERM and waits (at most 30 s, then SIGKILL) for the exit status; a signal
+    /// number if the server was killed.
     @discardableResult
     public func stop() -> Int32 {
-        if process.isRunning { kill(pid, SIGTERM) }
-        process.waitUntilExit()
-        return process.terminationStatus
+        process.send(SIGTERM)
+        if let ended = process.waitForExit(timeout: .seconds(30)) { return ended.status }
+        process.stop()
+        return process.exited?.status ?? SIGKILL
     }
 
     /// Waits (bounded) for the server to exit on its own; nil if it is still running.
     public func waitForExit(timeout: TimeInterval) -> Int32? {
-        let deadline = Date().addingTimeInterval(timeout)
-        while process.isRunning && Date() < deadline { usleep(10_000) }
-        return process.isRunning ? nil : process.terminationStatus
+        process.waitForExit(timeout: .milliseconds(Int64(timeout * 1000)))?.status
     }
 
-    deinit {
-        if process.isRunning {
-            kill(pid, SIGKILL)
-            process.waitUntilExit()
-        }
-    }
-}
-
-/// Reads a child's stderr on a background thread and lets a test wait for a line.
-final class StderrCollector: @unchecked Sendable {
-    private let condition = NSCondition()
-    private var buffer = ""
-
-    var text: String {
-        condition.lock()
-        defer { condition.unlock() }
-        return buffer
-    }
-
-    func drain(_ handle: Foundation.FileHandle) {
-        let thread = Thread { [self] in
-            while true {
-                let data = handle.availableData
-                condition.lock()
-                if data.isEmpty {
-                    buffer += "\u{0}"  // marks EOF
-                    condition.broadcast()
-                    condition.unlock()
-                    return
-                }
-                buffer += String(decoding: data, as: UTF8.self)
-                condition.broadcast()
-                condition.unlock()
-            }
-        }
-        thread.start()
-    }
-
-    func waitForLine(containing needle: String, timeout: TimeInterval) -> String? {
-        let deadline = Date().addingTimeInterval(timeout)
-        condition.lock()
-        defer { condition.unlock() }
-        while true {
-            if let line = buffer.split(separator: "\n").first(where: { $0.contains(needle) }) { return String(line) }
-            if buffer.hasSuffix("\u{0}") { return nil }
-            if !condition.wait(until: deadline) { return nil }
-        }
-    }
+    // SpawnedProcess's deinit kills the server if it still runs.
 }

@@ -11,18 +11,19 @@ import Glibc
 ///   nearly every signal, so SIGTERM would never reach the server.
 /// - Process on Linux notices an exit through a descriptor the child inherits; a `--fork`ed
 ///   daemon inherits it too, so the launcher would seem to run until the daemon stops.
-final class SpawnedProcess: @unchecked Sendable {
-    let pid: pid_t
-    let logPath: String
+public final class SpawnedProcess: @unchecked Sendable {
+    public let pid: pid_t
+    public let logPath: String
     private var termination: Termination?
 
-    struct SpawnError: Error, CustomStringConvertible {
-        var program: String
-        var errno: Int32
-        var description: String { "posix_spawn \(program): \(String(cString: strerror(errno)))" }
+    public struct SpawnError: Error, CustomStringConvertible {
+        public var program: String
+        public var errno: Int32
+        public var description: String { "posix_spawn \(program): \(String(cString: strerror(errno)))" }
     }
 
-    init(_ executable: String, _ arguments: [String], logPath: String) throws {
+    /// Starts `executable` (a path; PATH is not searched) with `arguments`.
+    public init(_ executable: String, _ arguments: [String], logPath: String) throws {
         self.logPath = logPath
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
@@ -50,10 +51,10 @@ final class SpawnedProcess: @unchecked Sendable {
     }
 
     /// Everything the program wrote so far.
-    var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+    public var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
 
     /// How the program ended, if it has; reaps it.
-    var exited: Termination? {
+    public var exited: Termination? {
         if termination == nil {
             var status: Int32 = 0
             if waitpid(pid, &status, WNOHANG) == pid {
@@ -66,7 +67,7 @@ final class SpawnedProcess: @unchecked Sendable {
 
     /// Waits at most `timeout` for the program to exit. Returns how it ended, or nil if it is
     /// still running.
-    func waitForExit(timeout: Duration) -> Termination? {
+    public func waitForExit(timeout: Duration) -> Termination? {
         let deadline = ContinuousClock.now + timeout
         while exited == nil {
             if ContinuousClock.now >= deadline { return nil }
@@ -75,9 +76,10 @@ final class SpawnedProcess: @unchecked Sendable {
         return exited
     }
 
-    func send(_ signal: Int32) { if exited == nil { kill(pid, signal) } }
+    public func send(_ signal: Int32) { if exited == nil { kill(pid, signal) } }
 
-    func stop() {
+    /// Kills the program (SIGKILL) if it still runs and reaps it.
+    public func stop() {
         guard exited == nil else { return }
         kill(pid, SIGKILL)
         _ = waitForExit(timeout: .seconds(10))
@@ -85,10 +87,18 @@ final class SpawnedProcess: @unchecked Sendable {
 
     deinit { stop() }
 
-    enum Termination: Equatable, CustomStringConvertible {
+    public enum Termination: Equatable, Sendable, CustomStringConvertible {
         case exited(Int32)
         case killed(Int32)
-        var description: String {
+        /// The exit status, or the signal number for a killed program (as Foundation's
+        /// `Process.terminationStatus` reports it).
+        public var status: Int32 {
+            switch self {
+            case .exited(let status), .killed(let status): status
+            }
+        }
+
+        public var description: String {
             switch self {
             case .exited(let status): "exit \(status)"
             case .killed(let signal): "killed by signal \(signal)"
@@ -98,9 +108,9 @@ final class SpawnedProcess: @unchecked Sendable {
 }
 
 /// Processes that are not our children (a `--fork`ed daemon) are watched through /proc.
-enum ProcessTable {
+public enum ProcessTable {
     /// True while `pid` exists and is not a zombie (an exited daemon nobody has reaped yet).
-    static func isRunning(_ pid: pid_t) -> Bool {
+    public static func isRunning(_ pid: pid_t) -> Bool {
         guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
               let close = stat.lastIndex(of: ")") else { return false }
         let state = stat[stat.index(close, offsetBy: 2)...].prefix(1)
@@ -108,7 +118,7 @@ enum ProcessTable {
     }
 
     /// Waits at most `timeout` for `pid` to go away; true if it did.
-    static func waitUntilGone(_ pid: pid_t, timeout: Duration) -> Bool {
+    public static func waitUntilGone(_ pid: pid_t, timeout: Duration) -> Bool {
         let deadline = ContinuousClock.now + timeout
         while isRunning(pid) {
             if ContinuousClock.now >= deadline { return false }
@@ -118,7 +128,7 @@ enum ProcessTable {
     }
 
     /// The program `pid` is running, as /proc/PID/exe names it.
-    static func executable(of pid: pid_t) -> String? {
+    public static func executable(of pid: pid_t) -> String? {
         try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe")
     }
 }

@@ -10,6 +10,12 @@ public enum Tools {
     }
 
     /// Runs `program` (looked up in PATH) with `arguments` and waits for it.
+    ///
+    /// This uses Foundation's `Process`, fine for clients that run to completion (qemu-img,
+    /// nbdinfo, guestfish). It is not for servers a test must signal: the child inherits the
+    /// calling test-runner thread's blocked signals, so it may never see SIGTERM, and a
+    /// `--fork` launcher's exit can go unnoticed while its daemon runs. Start those with
+    /// `SpawnedProcess` (or `ServerProcess` for swiftnbd itself).
     @discardableResult
     public static func run(_ program: String, _ arguments: [String], environment: [String: String] = [:])
         throws -> Result

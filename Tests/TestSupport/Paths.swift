@@ -1,9 +1,9 @@
 import Foundation
 
 /// Where the files under test are: the checkout and the freshly built server.
-enum Paths {
+public enum Paths {
     /// The package root: the nearest folder above this file holding Package.swift.
-    static let repoRoot: String = {
+    public static let repoRoot: String = {
         var url = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         while url.path != "/" {
             if FileManager.default.fileExists(atPath: url.appendingPathComponent("Package.swift").path) {
@@ -14,18 +14,19 @@ enum Paths {
         preconditionFailure("no Package.swift above \(#filePath)")
     }()
 
-    static func repo(_ relative: String) -> String { repoRoot + "/" + relative }
+    public static func repo(_ relative: String) -> String { repoRoot + "/" + relative }
 
     /// The debug `swiftnbd` built with this test bundle: SwiftPM puts products next to the
     /// test runner, so it is `swiftnbd` in the directory of `/proc/self/exe`.
-    static let serverBinary: String = {
-        let runner = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
+    public static let serverBinary: String = {
+        let runner = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
+            ?? CommandLine.arguments[0]
         return URL(fileURLWithPath: runner).deletingLastPathComponent().appendingPathComponent("swiftnbd").path
     }()
 
     /// The units as shipped in systemd/.
-    static let unitNames = ["swiftnbd@.service", "swiftnbd.service", "swiftnbd.socket"]
+    public static let unitNames = ["swiftnbd@.service", "swiftnbd.service", "swiftnbd.socket"]
 
     /// The path the shipped units give for the binary, which `make install` rewrites.
-    static let shippedBinaryPath = "/usr/local/bin/swiftnbd"
+    public static let shippedBinaryPath = "/usr/local/bin/swiftnbd"
 }
