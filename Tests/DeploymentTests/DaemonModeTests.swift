@@ -22,8 +22,7 @@ import TestSupport
                          "swiftnbd --fork: \(ended.map(String.init(describing:)) ?? "still running after 30 s")\n\(launcher.log)")
 
             // Listening already: one attempt, no retry.
-            let probe = try LoopbackTCP.connect(port: port)
-            close(probe)
+            _ = try RawClient(port: Int(port))
 
             let pid = try #require(readPid(pidFile), "pid file: \((try? String(contentsOfFile: pidFile, encoding: .utf8)) ?? "missing")")
             #expect(pid != launcher.pid, "the pid file names the process that returned, not the server")
@@ -110,7 +109,7 @@ import TestSupport
         let image = scratch.file("disk.raw")
         try ImageFactory.patternedRaw(image, size: 1 << 20)
         let busy = try LoopbackTCP.listen()
-        defer { close(busy.fd) }
+        defer { busy.close() }
         let freePort = try LoopbackTCP.freePort()
 
         let cases: [(what: String, port: UInt16, image: String)] = [

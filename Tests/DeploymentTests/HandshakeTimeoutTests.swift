@@ -22,10 +22,9 @@ import TestSupport
         let first = try BoundedNBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(20))
         try first.disconnect()
 
-        let silent = try LoopbackTCP.connect(port: port)
-        defer { close(silent) }
+        let silent = try RawClient(port: Int(port))
         let start = ContinuousClock.now
-        let (greeting, closed) = LoopbackTCP.readUntilClosed(silent, timeout: .seconds(5))
+        let (greeting, closed) = silent.readUntilClosed(timeout: .seconds(5))
         let elapsed = ContinuousClock.now - start
         // The server opens the newstyle handshake: "NBDMAGIC" then "IHAVEOPT".
         #expect(greeting.starts(with: Array("NBDMAGICIHAVEOPT".utf8)), "greeting: \(greeting)")
@@ -38,11 +37,12 @@ import TestSupport
 
         // A silent client that holds the only slot (-e 1) delays the next client by at most the
         // timeout; it does not lock it out.
-        let squatter = try LoopbackTCP.connect(port: port)
-        defer { close(squatter) }
-        let waiting = try BoundedNBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(8))
-        #expect(try waiting.pread(count: 4096, offset: 1 << 20) == Array(original[(1 << 20)..<((1 << 20) + 4096)]))
-        try waiting.disconnect()
+        let squatter = try RawClient(port: Int(port))
+        try withExtendedLifetime(squatter) {
+            let waiting = try BoundedNBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(8))
+            #expect(try waiting.pread(count: 4096, offset: 1 << 20) == Array(original[(1 << 20)..<((1 << 20) + 4096)]))
+            try waiting.disconnect()
+        }
 
         server.send(SIGTERM)
         #expect(server.waitForExit(timeout: .seconds(10)) == .exited(0), "\(server.log)")

@@ -68,9 +68,8 @@ import TestSupport
         try client.pwrite([UInt8](repeating: 0xa5, count: 1 << 20), offset: 32 << 20)
         try client.flush()
         try client.disconnect()
-        let silent = try LoopbackTCP.connect(port: port)
-        #expect(LoopbackTCP.readUntilClosed(silent, timeout: .seconds(10)).closed)
-        close(silent)
+        let silent = try RawClient(port: Int(port))
+        #expect(silent.readUntilClosed(timeout: .seconds(10)).closed)
 
         // strace's child is the server; stop it as systemd would, and strace ends with it.
         let children = try String(contentsOfFile: "/proc/\(strace.pid)/task/\(strace.pid)/children", encoding: .utf8)

@@ -4,11 +4,18 @@ import SystemIO
 
 /// A hand-driven NBD client over a plain socket, for sending what no real
 /// client would: malformed handshakes, oversized requests, exact flags.
+///
+/// Connecting is one attempt, no retry, so `try RawClient(port:)` also checks that a server
+/// accepts connections now. The socket is closed when the client is released; a test that
+/// holds a connection open while it does other things keeps it with `withExtendedLifetime`.
 public final class RawClient {
     public let socket: Socket
+    /// How long one read waits for the server.
+    public let timeout: Double
 
     public init(port: Int, timeout: Double = 10) throws {
         socket = try Socket.connectTCP(host: "127.0.0.1", port: port)
+        self.timeout = timeout
         socket.setReceiveTimeout(seconds: timeout)
     }
 
@@ -32,13 +39,32 @@ public final class RawClient {
         return bytes
     }
 
-    /// True when the server closes the connection (reads end of file) within the receive timeout.
+    /// True when the server closes the connection (reads end of file) within the receive timeout;
+    /// what it sends before that is discarded.
     public func serverClosed() -> Bool {
-        var byte: UInt8 = 0
+        readUntilClosed(timeout: .milliseconds(Int64(timeout * 1000))).closed
+    }
+
+    /// Reads until the server closes the connection or `timeout` passes. Returns the bytes read
+    /// and whether the server closed (end of file, or a reset) in time.
+    public func readUntilClosed(timeout: Duration) -> (bytes: [UInt8], closed: Bool) {
+        let deadline = ContinuousClock.now + timeout
+        var received: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
         while true {
-            let n = try? withUnsafeMutableBytes(of: &byte) { try socket.readSome(into: $0) }
-            guard let n else { return false }  // timed out or failed
-            if n == 0 { return true }
+            let left = deadline - ContinuousClock.now
+            if left <= .zero { return (received, false) }
+            var poller = pollfd(fd: socket.rawValue, events: Int16(POLLIN), revents: 0)
+            let millis = left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000 + 1
+            if poll(&poller, 1, Int32(min(millis, 60_000))) <= 0 { continue }  // EINTR or not yet
+            do {
+                let n = try chunk.withUnsafeMutableBytes { try socket.readSome(into: $0) }
+                if n == 0 { return (received, true) }
+                received += chunk[0..<n]
+            } catch {
+                if let errno = error as? Errno, errno.code == EAGAIN { continue }
+                return (received, true)  // ECONNRESET and the like: closed too
+            }
         }
     }
 
