@@ -57,7 +57,7 @@ import TestSupport
         let pid = try Self.startDaemon(image: image, extraArguments: ["-r"], port: port, scratch: scratch)
         defer { Self.stop(pid) }
 
-        let client = try BoundedNBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(5))
+        let client = try NBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(5))
         #expect(try client.readAll() == Array(original))
         try client.disconnect()
 
@@ -79,7 +79,7 @@ import TestSupport
 
         // Overwrite an allocated cluster and allocate new ones, far apart, then flush; the
         // client stays connected when SIGTERM arrives.
-        let client = try BoundedNBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(5))
+        let client = try NBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(5))
         #expect(client.size == 64 << 20)
         let patch = [UInt8](repeating: 0xcd, count: 64 << 10)
         try client.pwrite(patch, offset: 512 << 10)

@@ -19,7 +19,7 @@ import TestSupport
         defer { server.stop() }
 
         // Ready once a real client gets through.
-        let first = try BoundedNBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(20))
+        let first = try NBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(20))
         try first.disconnect()
 
         let silent = try RawClient(port: Int(port))
@@ -31,7 +31,7 @@ import TestSupport
         #expect(closed, "a silent client was still connected after 5 s\n\(server.log)")
         #expect(elapsed >= .milliseconds(500), "closed after \(elapsed), before the 1 s timeout")
 
-        let next = try BoundedNBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(10))
+        let next = try NBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(10))
         #expect(try next.pread(count: 65536, offset: 0) == Array(original[0..<65536]))
         try next.disconnect()
 
@@ -39,7 +39,7 @@ import TestSupport
         // timeout; it does not lock it out.
         let squatter = try RawClient(port: Int(port))
         try withExtendedLifetime(squatter) {
-            let waiting = try BoundedNBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(8))
+            let waiting = try NBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(8))
             #expect(try waiting.pread(count: 4096, offset: 1 << 20) == Array(original[(1 << 20)..<((1 << 20) + 4096)]))
             try waiting.disconnect()
         }

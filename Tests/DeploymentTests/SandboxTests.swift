@@ -63,7 +63,7 @@ import TestSupport
             logPath: scratch.file("server.log"))
         defer { strace.stop() }
 
-        let client = try BoundedNBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(30))
+        let client = try NBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(30))
         #expect(try client.pread(count: 65536, offset: 0) == [UInt8](repeating: 0x5a, count: 65536))
         try client.pwrite([UInt8](repeating: 0xa5, count: 1 << 20), offset: 32 << 20)
         try client.flush()

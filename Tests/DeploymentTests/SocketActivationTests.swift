@@ -27,7 +27,7 @@ import TestSupport
             logPath: scratch.file("server.log"))
         defer { server.stop() }
 
-        let client = try BoundedNBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(20))
+        let client = try NBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(20))
         #expect(client.size == Int64(Self.imageSize), "\(server.log)")
         let served = try client.readAll()
         #expect(served == image.bytes, "the export differs from the image")
@@ -38,7 +38,7 @@ import TestSupport
         #expect(!FileManager.default.fileExists(atPath: decoySocket), "it also created -k \(decoySocket)")
 
         // -t: still serving after the first client left, on the same activated socket.
-        let again = try BoundedNBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(10))
+        let again = try NBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(10))
         #expect(try again.pread(count: 4096, offset: 4096) == Array(image.bytes[4096..<8192]))
         try again.disconnect()
 
@@ -57,7 +57,7 @@ import TestSupport
             logPath: scratch.file("server.log"))
         defer { server.stop() }
 
-        let client = try BoundedNBDClient.connect("nbd+unix:///?socket=\(socketPath)", retryingFor: .seconds(20))
+        let client = try NBDClient.connect("nbd+unix:///?socket=\(socketPath)", retryingFor: .seconds(20))
         #expect(client.size == Int64(Self.imageSize), "\(server.log)")
         #expect(try client.readAll() == image.bytes, "the export differs from the image")
         try client.disconnect()
@@ -79,8 +79,8 @@ import TestSupport
             logPath: scratch.file("server.log"))
         defer { server.stop() }
 
-        let overTCP = try BoundedNBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(20))
-        let overUnix = try BoundedNBDClient.connect("nbd+unix:///?socket=\(socketPath)", retryingFor: .seconds(10))
+        let overTCP = try NBDClient.connect("nbd://127.0.0.1:\(port)", retryingFor: .seconds(20))
+        let overUnix = try NBDClient.connect("nbd+unix:///?socket=\(socketPath)", retryingFor: .seconds(10))
         let tail = UInt64(Self.imageSize - 65536)
         #expect(try overTCP.pread(count: 65536, offset: tail) == Array(image.bytes[Int(tail)...]))
         #expect(try overUnix.pread(count: 65536, offset: 0) == Array(image.bytes[0..<65536]))
