@@ -36,16 +36,16 @@ extension QCOW2Device {
                 index += 1
             }
             guard let firstHost, length > 0 else { return nil }
-            if dataFile == nil { inFlight.withLock { $0.append(firstHost..<firstHost + length) } }
+            // Registered even for a data file: writeSubclusters waits on it (its
+            // offsets then only make the allocator skip some clusters briefly).
+            inFlight.withLock { $0.append(firstHost..<firstHost + length) }
             return (firstHost, Int(length))
         }
         guard let target else { return nil }
         defer {
-            if dataFile == nil {
-                inFlight.withLock { ranges in
-                    if let i = ranges.firstIndex(of: target.host..<target.host + UInt64(target.length)) {
-                        ranges.remove(at: i)
-                    }
+            inFlight.withLock { ranges in
+                if let i = ranges.firstIndex(of: target.host..<target.host + UInt64(target.length)) {
+                    ranges.remove(at: i)
                 }
             }
         }
@@ -143,6 +143,11 @@ extension QCOW2Device {
         buffer.initializeMemory(as: UInt8.self, repeating: 0)
         let valid = Int(min(UInt64(regionLength), size - regionStart))
         let offsetInRegion = Int(guest - regionStart)
+        if let host {
+            // An in-place write to another part of these subclusters may still be
+            // landing; the copy below must include it.
+            waitForInFlight(host + (regionStart - clusterStart)..<host + (regionStart - clusterStart) + UInt64(regionLength))
+        }
         if !(offsetInRegion == 0 && data.count == valid) {
             try read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<valid]), at: regionStart)
         }
@@ -155,6 +160,13 @@ extension QCOW2Device {
         let newBitmap = (bitmap | touched) & ~(touched << 32)
         try setL2Entry(l2Offset: l2Offset, index: index, entry: newHost | EntryBits.copied, bitmap: newBitmap)
         if host == nil { try release(old) }
+    }
+
+    /// Waits until no in-place write or pinned read overlaps `range`. New
+    /// in-place writes cannot start meanwhile: they register under
+    /// `metadataLock`, which the caller holds. The wait is one pwrite long.
+    func waitForInFlight(_ range: Range<UInt64>) {
+        while inFlight.withLock({ $0.contains { $0.overlaps(range) } }) {}
     }
 
     /// Writes whole clusters from `guest` (cluster-aligned) into newly

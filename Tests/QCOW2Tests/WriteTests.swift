@@ -295,3 +295,30 @@ import Testing
         #expect(info.components(separatedBy: "in-use").count == 3, "\(info)")
     }
 }
+
+/// Threads write disjoint, unaligned 250-byte chunks that share subclusters
+/// and clusters: in-place writes and read-modify-write of partly allocated
+/// subclusters race, and no write may be lost.
+@Suite struct SharedSubclusterWriteTests {
+    @Test(arguments: ["cluster_size=16k,extended_l2=on", "cluster_size=4k"])
+    func disjointUnalignedChunks(_ options: String) throws {
+        let dir = try TemporaryDirectory("qcow2-chunks")
+        let path = dir.file("chunks.qcow2")
+        try Q.img(["create", "-q", "-f", "qcow2", "-o", options, path, "1M"])
+        let device = try QCOW2Device(path: path, readOnly: false)
+        let chunk = 250, chunks = (1 << 20) / chunk, threads = 4
+        DispatchQueue.concurrentPerform(iterations: threads) { t in
+            for i in stride(from: t, to: chunks, by: threads) {
+                let bytes = [UInt8](repeating: UInt8(i % 251 + 1), count: chunk)
+                try? bytes.withUnsafeBytes { try device.write($0, at: UInt64(i * chunk), fua: false) }
+            }
+        }
+        var model = [UInt8](repeating: 0, count: 1 << 20)
+        for i in 0..<chunks {
+            model.replaceSubrange(i * chunk..<(i + 1) * chunk, with: repeatElement(UInt8(i % 251 + 1), count: chunk))
+        }
+        try Q.expectSameContents(device, model)
+        device.close()
+        try WriteTests.expectConsistent(path, model: model, dir: dir)
+    }
+}
