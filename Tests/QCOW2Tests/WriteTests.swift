@@ -322,3 +322,59 @@ import Testing
         try WriteTests.expectConsistent(path, model: model, dir: dir)
     }
 }
+
+/// Four threads run random writes, zeroes and trims at once, each in its own
+/// byte range (boundaries not cluster-aligned, so clusters and L2 tables are
+/// shared), over backing files, compressed and extended-L2 images.
+@Suite struct ConcurrentWorkloadTests {
+    @Test(arguments: [WriteTests.kinds[10], WriteTests.kinds[12], WriteTests.kinds[13], WriteTests.kinds[2]])
+    func fourThreads(_ kind: WriteTests.Kind) throws {
+        let dir = try TemporaryDirectory("qcow2-mtwork")
+        let path = try kind.make(dir)
+        let initial = try Q.qemuRaw(path, scratch: dir)
+        let device = try QCOW2Device(path: path, readOnly: false)
+        let threads = 4
+        let slice = (initial.count / threads) & ~4095 + 1234  // deliberately unaligned
+        let bounds = (0...threads).map { min($0 * slice, initial.count) }.enumerated().map { $0.offset == threads ? initial.count : $0.element }
+        let results = Mutex<[Int: [UInt8]]>([:])
+        let failures = Mutex<[String]>([])
+        DispatchQueue.concurrentPerform(iterations: threads) { t in
+            let lower = bounds[t], upper = bounds[t + 1]
+            var model = Array(initial[lower..<upper])
+            var rng = FuzzTests.SeededGenerator(state: UInt64(t) * 7 + 1)
+            for i in 0..<60 {
+                let offset = Int.random(in: 0..<model.count, using: &rng)
+                let length = Int.random(in: 1...min(model.count - offset, 40_000), using: &rng)
+                let at = UInt64(lower + offset)
+                do {
+                    switch Int.random(in: 0..<10, using: &rng) {
+                    case 0...5:
+                        let bytes = [UInt8](repeating: UInt8(truncatingIfNeeded: t * 60 + i + 1), count: length)
+                        try bytes.withUnsafeBytes { try device.write($0, at: at, fua: false) }
+                        model.replaceSubrange(offset..<offset + length, with: bytes)
+                    case 6...7:
+                        try WriteTests.zero(device, at: at, length: UInt64(length), mayDeallocate: Bool.random(using: &rng))
+                        model.replaceSubrange(offset..<offset + length, with: repeatElement(0, count: length))
+                    default:
+                        // Whole clusters inside the range read as zeros afterwards (v3, or no backing).
+                        try device.trim(at: at, length: UInt64(length), fua: false)
+                        let c = Int(device.geometry.clusterSize)
+                        let start = (Int(at) + c - 1) / c * c
+                        let end = Int(at) + length == initial.count ? initial.count : (Int(at) + length) / c * c
+                        if start < end && (device.backing == nil || device.header.version >= 3) {
+                            model.replaceSubrange(start - lower..<end - lower, with: repeatElement(0, count: end - start))
+                        }
+                    }
+                } catch {
+                    failures.withLock { $0.append("\(error)") }
+                }
+            }
+            results.withLock { $0[t] = model }
+        }
+        #expect(failures.withLock { $0 }.isEmpty)
+        let model = results.withLock { r in (0..<threads).flatMap { r[$0]! } }
+        try Q.expectSameContents(device, model)
+        device.close()
+        try WriteTests.expectConsistent(path, model: model, dir: dir)
+    }
+}
