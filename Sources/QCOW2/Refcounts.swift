@@ -68,6 +68,8 @@ final class RefcountManager: @unchecked Sendable {
     /// Clusters with I/O in flight outside the lock; never handed out again until it ends.
     var isBusy: (UInt64) -> Bool = { _ in false }
     var crashSimulator: CrashSimulator?
+    /// Set when a refcount table move failed half-way; refcounts are then left alone.
+    private var broken = false
 
     init(file: FileHandle, header: QCOW2Header, fileSize: UInt64) throws(QCOW2Error) {
         self.file = file
@@ -113,15 +115,26 @@ final class RefcountManager: @unchecked Sendable {
     /// Sets the refcount of the cluster at `host`, creating its refcount
     /// block (and growing the table) when needed.
     func setRefcount(of host: UInt64, to value: UInt64) throws(DeviceError) {
+        guard !broken else {
+            throw DeviceError(.io, "qcow2: the refcount table could not be moved; writes are refused until reopened")
+        }
         guard value <= RefcountEntry.maximum(order: order) else {
             throw DeviceError(.io, "qcow2: refcount \(value) overflows \(1 << order) bits")
         }
         let cluster = host >> UInt64(clusterBits)
         let blockOffset = try ensureBlock(forCluster: cluster)
         _ = try block(at: blockOffset)  // loaded into `blocks`, then changed in place (no copy)
-        let changed = RefcountEntry.set(&blocks[blockOffset]!, index: Int(cluster % entriesPerBlock), order: order,
-                                        value: value)
-        try write(Array(blocks[blockOffset]![changed]), at: blockOffset + UInt64(changed.lowerBound), what: "refcount")
+        let index = Int(cluster % entriesPerBlock)
+        let previous = RefcountEntry.get(blocks[blockOffset]!, index: index, order: order)
+        let changed = RefcountEntry.set(&blocks[blockOffset]!, index: index, order: order, value: value)
+        do {
+            try write(Array(blocks[blockOffset]![changed]), at: blockOffset + UInt64(changed.lowerBound),
+                      what: "refcount")
+        } catch {
+            // Keep memory equal to the disk, so a failed write (ENOSPC, EIO) leaves nothing inconsistent.
+            _ = RefcountEntry.set(&blocks[blockOffset]!, index: index, order: order, value: previous)
+            throw error
+        }
         if value == 0 { freeCursor = min(freeCursor, cluster) }
     }
 
@@ -190,17 +203,35 @@ final class RefcountManager: @unchecked Sendable {
         let selfCovering = blockCluster / entriesPerBlock == tableIndex
         if selfCovering {
             _ = RefcountEntry.set(&bytes, index: Int(blockCluster % entriesPerBlock), order: order, value: 1)
+        } else {
+            // Counted before anything points at it, so a crash can only leak it.
+            try setRefcount(of: blockOffset, to: 1)
         }
         try write(bytes, at: blockOffset, what: "refcount block")
         blocks[blockOffset] = bytes
+        do {
+            try write(QCOW2Device.bigEndianBytes(blockOffset), at: tableOffset + tableIndex * 8, what: "refcount table")
+        } catch {
+            blocks[blockOffset] = nil  // memory stays equal to the disk: no block for this range
+            throw error
+        }
         table[Int(tableIndex)] = blockOffset
-        try write(QCOW2Device.bigEndianBytes(blockOffset), at: tableOffset + tableIndex * 8, what: "refcount table")
-        if !selfCovering { try setRefcount(of: blockOffset, to: 1) }
         return blockOffset
     }
 
-    /// Moves the refcount table to a larger copy at the end of the file.
+    /// Moves the refcount table to a larger copy at the end of the file. If
+    /// any write of the move fails, memory and disk may disagree on which
+    /// table is live, so refcounts are not touched again this session.
     private func growTable(toCover tableIndex: UInt64) throws(DeviceError) {
+        do {
+            try moveTable(toCover: tableIndex)
+        } catch {
+            broken = true
+            throw error
+        }
+    }
+
+    private func moveTable(toCover tableIndex: UInt64) throws(DeviceError) {
         let oldOffset = tableOffset, oldClusters = (UInt64(table.count) * 8 + clusterSize - 1) / clusterSize
         // Room for the requested index, for the clusters the move itself adds, and to double.
         let endIndex = ((fileEnd >> UInt64(clusterBits)) + oldClusters * 2 + 4) / entriesPerBlock

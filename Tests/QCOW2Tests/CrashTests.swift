@@ -73,3 +73,76 @@ import Testing
         #expect(crashes > 3)
     }
 }
+
+/// One write fails (as with ENOSPC or EIO) and the device carries on: the
+/// failed request's range is unspecified, everything else stays right, and
+/// the image stays consistent for qemu-img check.
+@Suite struct TransientFailureTests {
+    @Test(arguments: [WriteTests.kinds[0], WriteTests.kinds[9], WriteTests.kinds[10], WriteTests.kinds[12]])
+    func failOneWriteThenContinue(_ kind: WriteTests.Kind) throws {
+        let dir = try TemporaryDirectory("qcow2-transient")
+        let pristine = try kind.make(dir)
+        let pristineBytes = try Data(contentsOf: URL(fileURLWithPath: pristine))
+        let initial = try Q.qemuRaw(pristine, scratch: dir)
+        let work = pristine + ".work"
+        let probe = try QCOW2Device(path: pristine, readOnly: true)
+        let cluster = probe.geometry.clusterSize, size = probe.size
+        probe.close()
+        var ops = WriteTests.randomOps(count: 14, size: size, cluster: cluster, seed: 1234)
+        if kind.name.contains("512") { ops.insert(.write(0, [UInt8](repeating: 0x3C, count: 256 * 1024)), at: 0) }
+
+        for budget in stride(from: 0, through: 300, by: kind.name.contains("512") ? 13 : 7) {
+            try pristineBytes.write(to: URL(fileURLWithPath: work))
+            let device = try QCOW2Device(path: work, readOnly: false)
+            device.crashSimulator.remaining.store(budget, ordering: .relaxed)
+            var model = initial
+            var unknown = [Bool](repeating: false, count: initial.count)
+            var failedOnce = false, refused = false
+            var failedRanges: [Range<Int>] = []
+            for op in ops {
+                var attempt = model
+                do {
+                    try WriteTests.apply([op], to: device, model: &attempt)
+                    // Bytes this request set are known again.
+                    let (o, l) = Self.range(op)
+                    for i in Int(o)..<Int(o + l) where Self.covers(op, i) || attempt[i] != model[i] { unknown[i] = false }
+                    model = attempt
+                } catch {
+                    let (o, l) = Self.range(op)
+                    if failedOnce {
+                        // A failed refcount table move refuses later writes; nothing else may fail.
+                        #expect("\(error)".contains("refused"), "budget \(budget): \(error)")
+                        refused = true
+                    }
+                    for i in Int(o)..<Int(o + l) { unknown[i] = true }
+                    failedRanges.append(Int(o)..<Int(o + l))
+                    failedOnce = true
+                    device.crashSimulator.remaining.store(.max, ordering: .relaxed)
+                }
+            }
+            var actual = try Q.readAll(device)
+            device.close()
+            guard failedOnce else { break }
+            let check = try Tools.run("qemu-img", ["check", "-f", "qcow2", work])
+            #expect(check.status == 0 || check.status == 3, "budget \(budget): \(check.stdout)")
+            for range in failedRanges { for i in range where unknown[i] { actual[i] = model[i] } }
+            #expect(actual == model, "budget \(budget): data lost after a failed write (refused: \(refused))")
+        }
+    }
+
+    static func range(_ op: WriteTests.Op) -> (UInt64, UInt64) {
+        switch op {
+        case .write(let o, let b): (o, UInt64(b.count))
+        case .zero(let o, let l, _), .trim(let o, let l): (o, l)
+        }
+    }
+
+    /// Whether a write or zero request sets byte `i` (trims only clear what they zero).
+    static func covers(_ op: WriteTests.Op, _ i: Int) -> Bool {
+        switch op {
+        case .write(let o, let b): i >= Int(o) && i < Int(o) + b.count
+        case .zero(let o, let l, _): i >= Int(o) && i < Int(o + l)
+        case .trim: false
+        }
+    }
+}
