@@ -26,6 +26,7 @@ import Testing
 
         kill(server.pid, SIGSTOP)
         defer { kill(server.pid, SIGCONT) }
+        try #require(ProcessTable.waitUntilStopped(server.pid, timeout: .seconds(10)))
         client.timeout = .milliseconds(500)
         let error = try #require(throws: NBDClientError.self) { _ = try client.pread(count: 512, offset: 4096) }
         #expect(error.errno == ETIMEDOUT)

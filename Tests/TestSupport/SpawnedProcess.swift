@@ -109,12 +109,30 @@ public final class SpawnedProcess: @unchecked Sendable {
 
 /// Processes that are not our children (a `--fork`ed daemon) are watched through /proc.
 public enum ProcessTable {
+    /// The state letter in /proc/PID/stat (or /proc/PID/task/TID/stat): R, S, T, Z, ...
+    static func state(_ statPath: String) -> Character? {
+        guard let stat = try? String(contentsOfFile: statPath, encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return nil }
+        return stat[stat.index(close, offsetBy: 2)...].first
+    }
+
     /// True while `pid` exists and is not a zombie (an exited daemon nobody has reaped yet).
     public static func isRunning(_ pid: pid_t) -> Bool {
-        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-              let close = stat.lastIndex(of: ")") else { return false }
-        let state = stat[stat.index(close, offsetBy: 2)...].prefix(1)
+        guard let state = state("/proc/\(pid)/stat") else { return false }
         return state != "Z" && state != "X"
+    }
+
+    /// Waits at most `timeout` until every thread of `pid` is stopped (SIGSTOP). kill() returns
+    /// before a multi-threaded process has stopped: one thread takes the signal and stops the
+    /// others, so until then another thread may still serve a request.
+    public static func waitUntilStopped(_ pid: pid_t, timeout: Duration) -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+            if !tasks.isEmpty, tasks.allSatisfy({ state("/proc/\(pid)/task/\($0)/stat") == "T" }) { return true }
+            if ContinuousClock.now >= deadline { return false }
+            usleep(10_000)
+        }
     }
 
     /// Waits at most `timeout` for `pid` to go away; true if it did.
