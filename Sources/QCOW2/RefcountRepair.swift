@@ -49,6 +49,11 @@ struct RefcountRepair {
         var l1Tables = [(header.l1TableOffset, Int(header.l1Size))]
         l1Tables += snapshots.map { ($0.l1TableOffset, Int($0.l1Size)) }
         for (offset, size) in l1Tables {
+            if case .failure(let problem) = QCOW2Header.validateTable(
+                offset: offset, entries: UInt64(size), fileSize: fileSize, clusterSize: cs,
+                maximumEntries: QCOW2Header.maximumL1Entries) {
+                throw DeviceError(.io, "L1 table at \(offset): \(problem.text)")
+            }
             count(offset, UInt64(size) * 8)
             let l1 = try open { () throws(QCOW2Error) in try QCOW2Device.readTable(file, at: offset, entries: size) }
             for l1Entry in l1 {

@@ -129,6 +129,47 @@ import Testing
         #expect(opened > 0)
     }
 
+    /// Mutated images opened read-write (sometimes marked dirty, so the
+    /// refcount repair runs) take writes, zeroes and trims without crashing.
+    @Test func mutatedImagesWritten() throws {
+        let dir = try TemporaryDirectory("qcow2-fuzz-rw")
+        let seed = try Q.fileBytes(try Self.seedImage(dir))
+        let header = try QCOW2Header.parse(Array(seed.prefix(512)))
+        let l1 = Int(header.l1TableOffset), refcount = Int(header.refcountTableOffset)
+        let l2 = Int(ByteCursor.peek(UInt64.self, in: seed, at: l1)! & EntryBits.offsetMask)
+        let refblock = Int(ByteCursor.peek(UInt64.self, in: seed, at: refcount)! & EntryBits.offsetMask)
+        let regions = [0..<512, l1..<l1 + 512, refcount..<refcount + 512, refblock..<refblock + 512, l2..<l2 + 512]
+        var rng = SeededGenerator(state: 0x5EED_0005)
+        let path = dir.file("mutant-rw.qcow2")
+        var opened = 0
+        for _ in 0..<250 {
+            var bytes = seed
+            Self.mutate(&bytes, in: regions.randomElement(using: &rng)!.clamped(to: 0..<seed.count), using: &rng)
+            if Int.random(in: 0..<3, using: &rng) == 0 { bytes[79] |= 1 }  // dirty: repair at open
+            try Data(bytes).write(to: URL(fileURLWithPath: path))
+            guard let device = try? QCOW2Device(path: path, readOnly: false,
+                                                options: QCOW2Options(l2CacheBytes: 4096)) else { continue }
+            opened += 1
+            for _ in 0..<6 {
+                let offset = UInt64.random(in: 0..<device.size, using: &rng)
+                let length = UInt64.random(in: 1...min(device.size - offset, 9000), using: &rng)
+                switch Int.random(in: 0..<3, using: &rng) {
+                case 0:
+                    let data = [UInt8](repeating: 0x77, count: Int(length))
+                    _ = try? data.withUnsafeBytes { try device.write($0, at: offset, fua: false) }
+                case 1:
+                    _ = try? device.writeZeroes(at: offset, length: length, mayDeallocate: Bool.random(using: &rng),
+                                                fast: false, fua: false)
+                default:
+                    _ = try? device.trim(at: offset, length: length, fua: false)
+                }
+            }
+            _ = try? Q.readAll(device, chunk: 16 * 1024)
+            device.close()
+        }
+        #expect(opened > 0)
+    }
+
     /// A minimal valid v3 header with 64 KiB clusters, for geometry tests.
     static let minimalHeader: [UInt8] = {
         var b = [UInt8](repeating: 0, count: 512)
