@@ -87,8 +87,9 @@ extension QCOW2Device {
             let clusterEnd = min(clusterStart + cluster, size)
             let n = min(clusterEnd, end) - position
             let whole = position == clusterStart && position + n == clusterEnd
-            if !(whole && mayDeallocate), try readsAsZeros(at: position, length: n) {
-                // Already zeros (a zero cluster, or unallocated with nothing below): nothing to do.
+            if try readsAsZeros(at: position, length: n, unallocatedOnly: whole && mayDeallocate) {
+                // Already zeros (a zero cluster, or unallocated with nothing below), and
+                // nothing to deallocate: leave the metadata alone.
             } else if whole && flags {
                 try withMetadataLock { () throws(DeviceError) in
                     try zeroCluster(at: clusterStart, deallocate: mayDeallocate)
@@ -129,14 +130,16 @@ extension QCOW2Device {
 
     /// Whether the range reads as zeros from metadata alone: zero clusters,
     /// or unallocated ones with no backing data below (data is not scanned).
-    private func readsAsZeros(at offset: UInt64, length: UInt64) throws(DeviceError) -> Bool {
+    /// With `unallocatedOnly`, zero clusters (which may hold an allocation) don't count.
+    private func readsAsZeros(at offset: UInt64, length: UInt64,
+                              unallocatedOnly: Bool = false) throws(DeviceError) -> Bool {
         // A raw data file must hold the zeros itself, whatever the metadata says.
         guard !header.dataFileIsRaw || length == 0 else { return false }
         var position = offset
         while position < offset + length {
             let (mapping, n) = try run(at: position, limit: offset + length - position)
             switch mapping {
-            case .zero: break
+            case .zero where !unallocatedOnly: break
             case .unallocated where backing == nil || position >= backing!.size: break
             default: return false
             }

@@ -378,3 +378,20 @@ import Testing
         try WriteTests.expectConsistent(path, model: model, dir: dir)
     }
 }
+
+/// Zeroing or trimming what already reads as zeros changes no metadata.
+@Suite struct NoOpZeroTests {
+    @Test func zeroingEmptySpaceAllocatesNothing() throws {
+        let dir = try TemporaryDirectory("qcow2-noop")
+        let path = dir.file("empty.qcow2")
+        try Q.img(["create", "-q", "-f", "qcow2", path, "8G"])
+        let before = try Q.fileBytes(path)
+        let device = try QCOW2Device(path: path, readOnly: false)
+        for mayDeallocate in [false, true] {
+            try device.writeZeroes(at: 0, length: device.size, mayDeallocate: mayDeallocate, fast: true, fua: false)
+        }
+        try device.trim(at: 0, length: device.size, fua: true)
+        device.close()
+        #expect(try Q.fileBytes(path) == before)
+    }
+}
