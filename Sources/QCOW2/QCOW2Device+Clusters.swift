@@ -71,60 +71,121 @@ extension QCOW2Device {
         return entry & EntryBits.zero == 0 ? host : nil
     }
 
+    /// What the locked first step of `writeCluster` decided.
+    private enum ClusterPlan {
+        /// Done already (extended L2 subclusters are written under the lock).
+        case done
+        /// The cluster became this image's alone: write it in place instead.
+        case inPlace
+        /// Write the cluster's new contents at `newHost`, then point the entry there.
+        /// `reused` when `newHost` is the cluster's own host; `fresh` when it lies
+        /// past the old end of the file and so already reads as zeros.
+        case copy(old: UInt64, newHost: UInt64, reused: Bool, fresh: Bool)
+    }
+
     /// Writes `data` (within one cluster) at `guest`, allocating or copying
-    /// the cluster as needed.
-    func writeCluster(_ data: UnsafeRawBufferPointer, at guest: UInt64) throws(DeviceError) {
+    /// the cluster as needed. Returns false if the cluster turned out to be
+    /// owned by this image, to be written in place by the caller instead.
+    ///
+    /// Three steps, so that different clusters are allocated in parallel:
+    /// under `metadataLock`, decide and allocate (the cluster is marked
+    /// pending); unlocked, copy its old contents and write the new cluster;
+    /// under the lock again, point the L2 entry at it and free the old one.
+    /// The cluster's stripe of `clusterLocks`, held throughout, keeps other
+    /// writes, zeroes and trims of the same cluster out.
+    func writeCluster(_ data: UnsafeRawBufferPointer, at guest: UInt64) throws(DeviceError) -> Bool {
+        try clusterLock(for: guest).mutex.withLock { _ throws(DeviceError) -> Bool in
+            try writeClusterLocked(data, at: guest)
+        }
+    }
+
+    private func writeClusterLocked(_ data: UnsafeRawBufferPointer, at guest: UInt64) throws(DeviceError) -> Bool {
         let g = geometry
+        let clusterIndex = guest >> UInt64(g.clusterBits)
         let clusterStart = guest & ~(g.clusterSize - 1)
         let into = Int(guest - clusterStart)
-        let (l2Offset, index, table) = try writableL2(for: guest)
-        let old = table.entries[index * entryWords]
-        let oldHost = old & EntryBits.offsetMask
-        let compressed = old & EntryBits.compressed != 0
-        // Reuse the host cluster when this image owns it alone.
-        var host: UInt64?
-        if dataFile != nil {
-            host = clusterStart  // external data files map guest offsets one to one
-        } else if !compressed && oldHost != 0 {
-            if old & EntryBits.copied != 0 {
-                host = oldHost
-            } else if try refcounts!.refcount(of: oldHost) == 1 {
-                host = oldHost
+        let plan = try withMetadataLock { () throws(DeviceError) -> ClusterPlan in
+            let (l2Offset, index, table) = try writableL2(for: guest)
+            let old = table.entries[index * entryWords]
+            if !g.extendedL2, ownedHost(table, index: index, from: UInt64(into), length: UInt64(data.count)) != nil {
+                return .inPlace  // in-place writers may be landing in it: no read-modify-write
             }
+            let oldHost = old & EntryBits.offsetMask
+            let compressed = old & EntryBits.compressed != 0
+            // Reuse the host cluster when this image owns it alone.
+            var host: UInt64?
+            if dataFile != nil {
+                host = clusterStart  // external data files map guest offsets one to one
+            } else if !compressed && oldHost != 0 {
+                if old & EntryBits.copied != 0 {
+                    host = oldHost
+                } else if try refcounts!.refcount(of: oldHost) == 1 {
+                    host = oldHost
+                }
+            }
+            // Extended L2: only the touched subclusters are written and marked
+            // allocated; the others keep reading from the backing file or as zeros.
+            if g.extendedL2 && !compressed && (host != nil || oldHost == 0) {
+                try writeSubclusters(data, at: guest, l2Offset: l2Offset, index: index, old: old,
+                                     bitmap: table.entries[index * 2 + 1], host: host)
+                return .done
+            }
+            let endBefore = refcounts?.fileEnd ?? 0
+            let newHost: UInt64
+            if let host { newHost = host } else { newHost = try refcounts!.allocate() }
+            pendingClusters.value.insert(clusterIndex)
+            return .copy(old: old, newHost: newHost, reused: host != nil,
+                         fresh: host == nil && dataFile == nil && newHost >= endBefore)
         }
-        // Extended L2: only the touched subclusters are written and marked
-        // allocated; the others keep reading from the backing file or as zeros.
-        if g.extendedL2 && !compressed && (host != nil || oldHost == 0) {
-            try writeSubclusters(data, at: guest, l2Offset: l2Offset, index: index, old: old,
-                                 bitmap: table.entries[index * 2 + 1], host: host)
-            return
+        let old: UInt64, newHost: UInt64, reused: Bool, fresh: Bool
+        switch plan {
+        case .done: return true
+        case .inPlace: return false
+        case .copy(let o, let h, let r, let f): (old, newHost, reused, fresh) = (o, h, r, f)
         }
 
-        // The whole cluster: what it reads as now (backing, compressed, zeros), with `data` over it.
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(g.clusterSize), alignment: 4096)
-        defer { buffer.deallocate() }
-        buffer.initializeMemory(as: UInt8.self, repeating: 0)
-        let valid = Int(min(g.clusterSize, size - clusterStart))
-        if !(into == 0 && data.count == valid) {
-            try read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<valid]), at: clusterStart)
+        do {
+            // The whole cluster: what it reads as now (backing, compressed, zeros), with `data` over it.
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(g.clusterSize), alignment: 4096)
+            defer { buffer.deallocate() }
+            buffer.initializeMemory(as: UInt8.self, repeating: 0)
+            let valid = Int(min(g.clusterSize, size - clusterStart))
+            if !(into == 0 && data.count == valid) {
+                try read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<valid]), at: clusterStart)
+            }
+            UnsafeMutableRawBufferPointer(rebasing: buffer[into..<into + data.count]).copyMemory(from: data)
+            // A cluster past the old end of the file was never written and reads as zeros,
+            // so if the rest of the cluster is zeros only the new bytes need writing.
+            if fresh, QCOW2Device.isZero(UnsafeRawBufferPointer(rebasing: buffer[..<into])),
+               QCOW2Device.isZero(UnsafeRawBufferPointer(rebasing: buffer[(into + data.count)...])) {
+                try writeBytes(data, to: file, at: newHost + UInt64(into), what: "data")
+            } else {
+                try writeBytes(UnsafeRawBufferPointer(buffer), to: dataFile ?? file, at: newHost, what: "data")
+            }
+        } catch {
+            _ = try? withMetadataLock { () throws(DeviceError) in
+                pendingClusters.value.remove(clusterIndex)
+                if !reused && dataFile == nil { try refcounts!.setRefcount(of: newHost, to: 0) }
+            }
+            throw error
         }
-        UnsafeMutableRawBufferPointer(rebasing: buffer[into..<into + data.count]).copyMemory(from: data)
 
-        let newHost: UInt64
-        let endBefore = refcounts?.fileEnd ?? 0
-        if let host { newHost = host } else { newHost = try refcounts!.allocate() }
-        // A cluster past the old end of the file was never written and reads as zeros,
-        // so if the rest of the cluster is zeros only the new bytes need writing.
-        if host == nil, dataFile == nil, newHost >= endBefore,
-           QCOW2Device.isZero(UnsafeRawBufferPointer(rebasing: buffer[..<into])),
-           QCOW2Device.isZero(UnsafeRawBufferPointer(rebasing: buffer[(into + data.count)...])) {
-            try writeBytes(data, to: file, at: newHost + UInt64(into), what: "data")
-        } else {
-            try writeBytes(UnsafeRawBufferPointer(buffer), to: dataFile ?? file, at: newHost, what: "data")
+        try withMetadataLock { () throws(DeviceError) in
+            defer { pendingClusters.value.remove(clusterIndex) }
+            let (l2Offset, index, table) = try writableL2(for: guest)
+            guard table.entries[index * entryWords] & ~EntryBits.copied == old & ~EntryBits.copied else {
+                throw DeviceError(.io, "qcow2 metadata: the L2 entry of cluster \(clusterIndex) changed during a write")
+            }
+            try setL2Entry(l2Offset: l2Offset, index: index, entry: newHost | EntryBits.copied,
+                           bitmap: g.extendedL2 ? 0xFFFF_FFFF : 0)
+            if !reused { try release(old) }
         }
-        try setL2Entry(l2Offset: l2Offset, index: index, entry: newHost | EntryBits.copied,
-                       bitmap: g.extendedL2 ? 0xFFFF_FFFF : 0)
-        if host == nil { try release(old) }
+        return true
+    }
+
+    /// The stripe of `clusterLocks` for the guest cluster holding `guest`.
+    func clusterLock(for guest: UInt64) -> ClusterLock {
+        clusterLocks[Int((guest >> UInt64(geometry.clusterBits)) % UInt64(clusterLocks.count))]
     }
 
     /// Writes `data` into the subclusters it touches of an extended-L2
@@ -171,8 +232,8 @@ extension QCOW2Device {
 
     /// Writes whole clusters from `guest` (cluster-aligned) into newly
     /// allocated, host-contiguous clusters, as many as one L2 table maps and
-    /// none of which this image owns alone (those are written in place).
-    /// Returns the bytes written, at least one cluster.
+    /// none of which this image owns alone or another write is allocating.
+    /// Returns the bytes written: 0 if the first cluster is such a one.
     func writeWholeClusters(_ data: UnsafeRawBufferPointer, at guest: UInt64) throws(DeviceError) -> Int {
         let g = geometry
         let (l2Offset, index, table) = try writableL2(for: guest)
@@ -183,15 +244,13 @@ extension QCOW2Device {
             let entry = table.entries[(index + count) * entryWords]
             let owned = entry & EntryBits.compressed == 0 && entry & EntryBits.copied != 0
                 && (entry & EntryBits.offsetMask != 0 || dataFile != nil)
-            if owned && count > 0 { break }
-            if owned {
-                // Raced with an allocation since the in-place check: write this one in place.
-                try writeCluster(UnsafeRawBufferPointer(rebasing: data[..<Int(g.clusterSize)]), at: guest)
-                return Int(g.clusterSize)
-            }
+            // Owned clusters are written in place, and a cluster another write is
+            // allocating must wait for it: both go through writeCluster.
+            if owned || pendingClusters.value.contains((guest >> UInt64(g.clusterBits)) + UInt64(count)) { break }
             old.append(entry)
             count += 1
         }
+        guard count > 0 else { return 0 }
         let length = count << g.clusterBits
         let host = try dataFile != nil ? guest : refcounts!.allocate(count: count)
         try writeBytes(UnsafeRawBufferPointer(rebasing: data[..<length]), to: dataFile ?? file, at: host, what: "data")

@@ -37,16 +37,17 @@ extension QCOW2Device {
             if guest & (cluster - 1) == 0 && UInt64(rest.count) >= cluster {
                 // Whole clusters: nothing to copy, so a run of them gets one allocation and one pwrite.
                 let whole = Int(UInt64(rest.count) & ~(cluster - 1))
-                position += try withMetadataLock { () throws(DeviceError) in
+                let written = try withMetadataLock { () throws(DeviceError) in
                     try writeWholeClusters(UnsafeRawBufferPointer(rebasing: rest[..<whole]), at: guest)
                 }
-                continue
+                if written > 0 {
+                    position += written
+                    continue
+                }
             }
             let n = Int(min(UInt64(rest.count), cluster - (guest & (cluster - 1))))
-            try withMetadataLock { () throws(DeviceError) in
-                try writeCluster(UnsafeRawBufferPointer(rebasing: rest[..<n]), at: guest)
-            }
-            position += n
+            // False: the cluster became ours alone meanwhile; loop to write it in place.
+            if try writeCluster(UnsafeRawBufferPointer(rebasing: rest[..<n]), at: guest) { position += n }
         }
         if fua { try flush() }
     }
@@ -91,12 +92,16 @@ extension QCOW2Device {
                 // Already zeros (a zero cluster, or unallocated with nothing below), and
                 // nothing to deallocate: leave the metadata alone.
             } else if whole && flags {
-                try withMetadataLock { () throws(DeviceError) in
-                    try zeroCluster(at: clusterStart, deallocate: mayDeallocate)
+                try clusterLock(for: clusterStart).mutex.withLock { _ throws(DeviceError) in
+                    try withMetadataLock { () throws(DeviceError) in
+                        try zeroCluster(at: clusterStart, deallocate: mayDeallocate)
+                    }
                 }
             } else if whole && mayDeallocate && backing == nil && dataFile == nil {
                 // v2 without a backing file: an unallocated cluster reads as zeros.
-                try withMetadataLock { () throws(DeviceError) in try deallocateCluster(at: clusterStart) }
+                try clusterLock(for: clusterStart).mutex.withLock { _ throws(DeviceError) in
+                    try withMetadataLock { () throws(DeviceError) in try deallocateCluster(at: clusterStart) }
+                }
             } else {
                 try writeZeroBytes(at: position, length: n)
             }
@@ -117,9 +122,13 @@ extension QCOW2Device {
         while position < end {
             let clusterStart = position
             if backing == nil {
-                try withMetadataLock { () throws(DeviceError) in try deallocateCluster(at: clusterStart) }
+                try clusterLock(for: clusterStart).mutex.withLock { _ throws(DeviceError) in
+                    try withMetadataLock { () throws(DeviceError) in try deallocateCluster(at: clusterStart) }
+                }
             } else if canUseZeroFlag {
-                try withMetadataLock { () throws(DeviceError) in try zeroCluster(at: clusterStart, deallocate: true) }
+                try clusterLock(for: clusterStart).mutex.withLock { _ throws(DeviceError) in
+                    try withMetadataLock { () throws(DeviceError) in try zeroCluster(at: clusterStart, deallocate: true) }
+                }
             }
             position += cluster
         }

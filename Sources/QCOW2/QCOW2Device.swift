@@ -34,6 +34,12 @@ public final class QCOW2Device: BlockDevice {
     let inFlight = Mutex<[Range<UInt64>]>([])
     /// Set when metadata was found inconsistent while writing; writes are then refused.
     let markedCorrupt = Atomic(false)
+    /// Stripes of per-guest-cluster locks: a cluster being allocated, zeroed or
+    /// trimmed holds its stripe, taken before `metadataLock`.
+    let clusterLocks: [ClusterLock] = (0..<64).map { _ in ClusterLock() }
+    /// Guest clusters whose allocation is under way (see `writeCluster`); only
+    /// touched under `metadataLock`.
+    let pendingClusters = LockedState<Set<UInt64>>([])
     /// Test hook: fails every write after a given number, like a crash.
     let crashSimulator = CrashSimulator()
     /// Test hook: runs between a read's cluster lookup and its data read, to
@@ -230,4 +236,15 @@ public final class QCOW2Device: BlockDevice {
             want = min(available, want * 4)
         }
     }
+}
+
+/// One stripe of `QCOW2Device.clusterLocks`.
+final class ClusterLock: Sendable {
+    let mutex = Mutex(())
+}
+
+/// State guarded by a lock its owner holds (here `metadataLock`), not by itself.
+final class LockedState<Value>: @unchecked Sendable {
+    var value: Value
+    init(_ value: Value) { self.value = value }
 }

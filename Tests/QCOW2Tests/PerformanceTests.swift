@@ -56,10 +56,12 @@ struct PerformanceTests {
         print("sequential read 256 MiB: swiftnbd \(Int(256 / readOurs)) MiB/s, qemu-io \(Int(256 / readQemu)) MiB/s")
 
         // 4 KiB random writes from 4 threads, on the empty and on the written image.
-        for (name, path) in [("empty", dir.file("rand.qcow2")), ("allocated", ours)] {
+        let overlay = dir.file("overlay.qcow2")
+        try Q.img(["create", "-q", "-f", "qcow2", "-b", ours, "-F", "qcow2", overlay, "1G"])
+        for (name, path) in [("empty", dir.file("rand.qcow2")), ("allocated", ours), ("over a backing file", overlay)] {
             if name == "empty" { try Q.img(["create", "-q", "-f", "qcow2", path, "1G"]) }
             let device = try QCOW2Device(path: path, readOnly: false)
-            let span = UInt64(name == "empty" ? 1 << 30 : total) / 4096
+            let span = UInt64(name == "allocated" ? total : 1 << 30) / 4096
             let count = 20000
             let time = Self.seconds {
                 DispatchQueue.concurrentPerform(iterations: 4) { t in
