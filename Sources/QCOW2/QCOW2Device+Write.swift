@@ -19,9 +19,12 @@ import SystemIO
 /// pin their host ranges in `inFlight` so a cluster freed under them is not
 /// reused until they finish.
 ///
-/// XXX: an allocating write holds `metadataLock` during its copy-on-write
-/// read and data write, so allocations are serialised (qemu drops its lock
-/// there); in-place writes and reads are not affected.
+/// An allocating write holds `metadataLock` only to decide and allocate and
+/// then to update the L2 entry; its copy-on-write read and data write run
+/// unlocked under the cluster's stripe of `clusterLocks`, so different
+/// clusters are allocated in parallel (`writeCluster`). Whole-cluster runs
+/// (`writeWholeClusters`) and extended-L2 subcluster writes still do their
+/// data write under `metadataLock`.
 extension QCOW2Device {
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws(DeviceError) {
         try requireWritable(offset: offset, length: UInt64(data.count))
