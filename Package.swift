@@ -55,7 +55,7 @@ let package = Package(
         .testTarget(name: "IntegrationTests",
                     dependencies: ["TestSupport", "CLibNBD", "NBDProtocol", "SystemIO", "swiftnbd"],
                     swiftSettings: swiftSettings),
-        .testTarget(name: "DeploymentTests", dependencies: ["TestSupport", "CLibNBD", "swiftnbd"],
+        .testTarget(name: "DeploymentTests", dependencies: ["TestSupport", "NBDProtocol", "swiftnbd"],
                     swiftSettings: swiftSettings),
     ]
 )

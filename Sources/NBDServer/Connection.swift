@@ -84,7 +84,16 @@ final class Connection: @unchecked Sendable {
     // MARK: - Negotiation
 
     private func negotiate(_ reader: inout SocketReader) throws {
-        socket.setReceiveTimeout(seconds: handshakeTimeout)
+        // The timeout bounds the whole negotiation, so a client trickling
+        // options can't hold a slot longer than a silent one.
+        let deadline = handshakeTimeout.map { DispatchTime.now() + $0 }
+        func armTimeout() throws {
+            guard let deadline else { return }
+            let left = Double(Int64(deadline.uptimeNanoseconds) - Int64(DispatchTime.now().uptimeNanoseconds)) / 1e9
+            guard left > 0 else { throw End.violation("handshake timed out") }
+            socket.setReceiveTimeout(seconds: left)
+        }
+        try armTimeout()
         try send(encodeGreeting(flags: [.fixedNewstyle, .noZeroes]))
         var flagBytes = (UInt32(0))
         try withUnsafeMutableBytes(of: &flagBytes) { try reader.readExactly(into: $0) }
@@ -93,6 +102,7 @@ final class Connection: @unchecked Sendable {
         var negotiation = Negotiation(export: export, clientFlags: ClientFlags(rawValue: clientFlags))
         var header = [UInt8](repeating: 0, count: OptionHeader.wireSize)
         while true {
+            try armTimeout()
             try header.withUnsafeMutableBytes { try reader.readExactly(into: $0) }
             let option: OptionHeader
             do {

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Testing
+import NBDProtocol
 import TestSupport
 
 /// A client that connects and says nothing is dropped after --handshake-timeout, so it cannot
@@ -46,5 +47,29 @@ import TestSupport
 
         server.send(SIGTERM)
         #expect(server.waitForExit(timeout: .seconds(10)) == .exited(0), "\(server.log)")
+    }
+
+    /// The timeout covers the whole negotiation: a client that keeps sending options slowly,
+    /// each one answered, is still dropped once the bound has passed.
+    @Test(.timeLimit(.minutes(2))) func tricklingClientIsDroppedToo() throws {
+        let scratch = try TemporaryDirectory("swiftnbd-handshake")
+        let image = scratch.file("disk.raw")
+        try ImageFactory.patternedRaw(image, size: 1 << 20)
+        let server = try ServerProcess(["-t", "-r", "--handshake-timeout", "1", image])
+        let slow = try RawClient(port: server.port, timeout: 5)
+        try slow.greet()
+        let start = ContinuousClock.now
+        var answered = 0
+        // One NBD_OPT_LIST every 300 ms: the pace of the client under test, not a synchronisation.
+        while ContinuousClock.now - start < .seconds(5) {
+            guard (try? slow.sendOption(.list)) != nil,
+                  let replies = try? slow.receiveOptionReplies(), replies.last?.type == .ack else { break }
+            answered += 1
+            usleep(300_000)
+        }
+        let elapsed = ContinuousClock.now - start
+        #expect(answered >= 2, "options before the deadline are answered")
+        #expect(elapsed < .seconds(3), "a trickling client was still negotiating after \(elapsed)")
+        #expect(server.isRunning)
     }
 }
