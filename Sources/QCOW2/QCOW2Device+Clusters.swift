@@ -282,6 +282,19 @@ extension QCOW2Device {
         if !keep { try release(old) }
     }
 
+    /// Sets the zero bits (and clears the allocation bits) of the subclusters
+    /// covering bytes [from, to) of the extended-L2 cluster at `clusterStart`;
+    /// the host cluster, if any, is kept. False for a compressed cluster.
+    func zeroSubclusterBits(in clusterStart: UInt64, from: UInt64, to: UInt64) throws(DeviceError) -> Bool {
+        let (l2Offset, index, table) = try writableL2(for: clusterStart)
+        let entry = table.entries[index * 2], bitmap = table.entries[index * 2 + 1]
+        guard entry & EntryBits.compressed == 0 else { return false }
+        let firstUnit = from >> UInt64(geometry.unitBits), count = (to - from) >> UInt64(geometry.unitBits)
+        let mask = (count == 32 ? 0xFFFF_FFFF : ((UInt64(1) << count) - 1)) << firstUnit
+        try setL2Entry(l2Offset: l2Offset, index: index, entry: entry, bitmap: (bitmap & ~mask) | (mask << 32))
+        return true
+    }
+
     /// Makes the cluster at `guest` unallocated (reads from backing, or zeros).
     func deallocateCluster(at guest: UInt64) throws(DeviceError) {
         let g = geometry

@@ -105,6 +105,8 @@ extension QCOW2Device {
                 try clusterLock(for: clusterStart).mutex.withLock { _ throws(DeviceError) in
                     try withMetadataLock { () throws(DeviceError) in try deallocateCluster(at: clusterStart) }
                 }
+            } else if flags && geometry.extendedL2, try zeroSubclusters(at: position, length: n) {
+                // Whole subclusters got their zero bits; the partial ones at the edges got zeros.
             } else {
                 try writeZeroBytes(at: position, length: n)
             }
@@ -139,6 +141,26 @@ extension QCOW2Device {
     }
 
     private var canUseZeroFlag: Bool { header.version >= 3 && !header.dataFileIsRaw }
+
+    /// Extended L2, part of one cluster: sets the zero bits of the subclusters
+    /// wholly inside the range and writes zeros over the partial ones at its
+    /// edges. Returns false, having done nothing, when no subcluster is whole
+    /// or the cluster is compressed (no subclusters).
+    private func zeroSubclusters(at offset: UInt64, length: UInt64) throws(DeviceError) -> Bool {
+        let unit = geometry.unitSize
+        let first = (offset + unit - 1) & ~(unit - 1), last = (offset + length) & ~(unit - 1)
+        guard first < last else { return false }
+        let clusterStart = offset & ~(geometry.clusterSize - 1)
+        let done = try clusterLock(for: clusterStart).mutex.withLock { _ throws(DeviceError) -> Bool in
+            try withMetadataLock { () throws(DeviceError) -> Bool in
+                try zeroSubclusterBits(in: clusterStart, from: first - clusterStart, to: last - clusterStart)
+            }
+        }
+        guard done else { return false }
+        if first > offset { try writeZeroBytes(at: offset, length: first - offset) }
+        if offset + length > last { try writeZeroBytes(at: last, length: offset + length - last) }
+        return true
+    }
 
     /// Whether the range reads as zeros from metadata alone: zero clusters,
     /// or unallocated ones with no backing data below (data is not scanned).

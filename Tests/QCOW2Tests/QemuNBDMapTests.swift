@@ -122,6 +122,11 @@ import Testing
             try bytes.withUnsafeBytes { try device.write($0, at: offset, fua: false) }
             model.replaceSubrange(Int(offset)..<Int(offset) + length, with: bytes)
         }
+        // Partial-cluster zeroes: whole subclusters get zero bits, the edges real zeros.
+        for (offset, length) in [(UInt64(1000), UInt64(9000)), (2600 * 1024, 6144), (2 << 20, 2048)] {
+            try device.writeZeroes(at: offset, length: length, mayDeallocate: false, fast: false, fua: false)
+            model.replaceSubrange(Int(offset)..<Int(offset + length), with: repeatElement(0, count: Int(length)))
+        }
         device.close()
         try WriteTests.expectConsistent(top, model: model, dir: dir)
         try QemuNBDMapTests.check(top, dir: dir)
