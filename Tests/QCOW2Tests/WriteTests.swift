@@ -145,7 +145,9 @@ import Testing
         var model = try Q.qemuRaw(path, scratch: dir)
         let device = try QCOW2Device(path: path, readOnly: false)
         #expect(device.capabilities.canWrite && device.capabilities.canTrim && device.capabilities.canZero)
-        let ops = Self.randomOps(count: 120, size: device.size, cluster: device.geometry.clusterSize, seed: 42)
+        // 2 MiB clusters make every partial write copy 2 MiB: fewer operations keep the suite quick.
+        let count = device.geometry.clusterSize >= 1 << 21 ? 50 : 120
+        let ops = Self.randomOps(count: count, size: device.size, cluster: device.geometry.clusterSize, seed: 42)
         try Self.apply(ops, to: device, model: &model)
         // The device reads its own writes before close.
         try Q.expectSameContents(device, model)
