@@ -19,8 +19,6 @@ import SystemIO
 /// chains that loop or are too deep. Metadata found broken while serving
 /// fails that request with `DeviceError(.io)`; found broken by a write, it
 /// also sets the corrupt bit.
-///
-/// `QCOW2.createOverlay` makes the temporary overlay of `qemu-nbd -s`.
 public enum QCOW2 {
     /// The four bytes every qcow2 image starts with: "QFI\xfb".
     public static let magic: UInt32 = 0x5146_49FB
