@@ -159,6 +159,12 @@ extension QCOW2Device {
             if fresh, QCOW2Device.isZero(UnsafeRawBufferPointer(rebasing: buffer[..<into])),
                QCOW2Device.isZero(UnsafeRawBufferPointer(rebasing: buffer[(into + data.count)...])) {
                 try writeBytes(data, to: file, at: newHost + UInt64(into), what: "data")
+                // The cluster's last byte too, so the file covers the whole cluster: readers treat
+                // a data cluster that ends past the end of the file as broken metadata.
+                if into + data.count < Int(g.clusterSize) {
+                    try writeBytes(UnsafeRawBufferPointer(rebasing: buffer[(Int(g.clusterSize) - 1)...]), to: file,
+                                   at: newHost + g.clusterSize - 1, what: "data")
+                }
             } else {
                 try writeBytes(UnsafeRawBufferPointer(buffer), to: dataFile ?? file, at: newHost, what: "data")
             }

@@ -226,7 +226,9 @@ public final class QCOW2Device: BlockDevice {
         let available = Int(min(fileSize - header.snapshotsOffset, UInt64(QCOW2Snapshot.maximumTableBytes)))
         var want = min(available, 64 << 10)
         while true {
-            let bytes = try readBytes(file, at: header.snapshotsOffset, count: want)
+            var bytes = try readBytes(file, at: header.snapshotsOffset, count: want)
+            // When the table ends the file, qemu leaves out the last entry's padding to 8 bytes.
+            if want == available { bytes += [UInt8](repeating: 0, count: 8) }
             if let table = try QCOW2Snapshot.parseTableAndLength(bytes, count: Int(header.snapshotCount)) {
                 return table
             }
