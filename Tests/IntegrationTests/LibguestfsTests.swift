@@ -21,11 +21,11 @@ import Testing
         return image
     }
 
-    @Test(.timeLimit(.minutes(5)))
-    func virtDfAndGuestfishReadTheGuestOverNBD() throws {
+    @Test(.timeLimit(.minutes(6)))
+    func virtDfReadsAndGuestfishEditsTheGuestOverNBD() throws {
         let scratch = try TemporaryDirectory()
         let image = try Self.guestDisk(in: scratch)
-        let server = try ServerProcess(["-t", "-r", "-e", "2", image])
+        let server = try ServerProcess(["-t", "-e", "2", image])
 
         let df = try Tools.check("virt-df", ["--format=raw", "-a", server.uri], environment: Self.environment)
         let line = try #require(df.split(separator: "\n").first { $0.contains("/dev/sda") }, "\(df)")
@@ -33,8 +33,21 @@ import Testing
         #expect(columns.count == 5)
         #expect(Int(columns[1]) ?? 0 > 50_000, "a 64 MiB ext4 has over 50000 1K-blocks: \(line)")
 
-        let motd = try Tools.check("guestfish", ["--ro", "--format=raw", "-a", server.uri, "-m", "/dev/sda",
-                                                 "cat", "/etc/motd"], environment: Self.environment)
-        #expect(motd.trimmingCharacters(in: .whitespacesAndNewlines) == "hello from swiftnbd", "\(motd.debugDescription)")
+        // One appliance run: read a file, then edit the guest's file system.
+        let output = try Tools.check("guestfish", ["--format=raw", "-a", server.uri, "-m", "/dev/sda",
+                                                   "cat", "/etc/motd", ":",
+                                                   "write", "/etc/hostname", "edited-over-nbd", ":",
+                                                   "mkdir", "/srv"], environment: Self.environment)
+        #expect(output.trimmingCharacters(in: .whitespacesAndNewlines) == "hello from swiftnbd", "\(output.debugDescription)")
+        #expect(server.stop() == 0)
+
+        // The qcow2 is clean for qemu, and the edit is in it.
+        let check = try Tools.run("qemu-img", ["check", "-f", "qcow2", image])
+        #expect(check.status == 0, "\(check.stdout)\(check.stderr)")
+        let raw = scratch.file("after.raw")
+        try Tools.check("qemu-img", ["convert", "-f", "qcow2", "-O", "raw", image, raw])
+        let hostname = try Tools.check("debugfs", ["-R", "cat /etc/hostname", raw])
+        #expect(hostname == "edited-over-nbd")
+        try Tools.check("e2fsck", ["-fn", raw])
     }
 }
