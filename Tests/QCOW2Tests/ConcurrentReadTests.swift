@@ -17,7 +17,7 @@ import Testing
         defer { device.close() }
         let failures = Mutex(0)
         DispatchQueue.concurrentPerform(iterations: 8) { worker in
-            var rng = FuzzTests.SeededGenerator(state: UInt64(worker) + 99)
+            var rng = SplitMix(seed: UInt64(worker) + 99)
             var buffer = [UInt8](repeating: 0, count: 128 * 1024)
             for _ in 0..<100 {
                 let length = Int.random(in: 1...buffer.count, using: &rng)
@@ -49,7 +49,7 @@ import Synchronization
         let cluster = 4096, watched = 0..<(256 * 1024), other = (1 << 20)..<(2 << 20)
         let stop = Atomic(false), bad = Atomic(0)
         DispatchQueue.concurrentPerform(iterations: 4) { role in
-            var rng = FuzzTests.SeededGenerator(state: UInt64(role) + 1)
+            var rng = SplitMix(seed: UInt64(role) + 1)
             var round = 0
             while !stop.load(ordering: .relaxed) {
                 round += 1

@@ -8,19 +8,8 @@ import Testing
 /// input may be refused or fail a read, but nothing may crash.
 @Suite struct FuzzTests {
     /// SplitMix64: a small, seeded, reproducible generator.
-    struct SeededGenerator: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
-
     /// Flips, replaces or sets to extremes a few bytes in `range`.
-    static func mutate(_ bytes: inout [UInt8], in range: Range<Int>, using rng: inout SeededGenerator) {
+    static func mutate(_ bytes: inout [UInt8], in range: Range<Int>, using rng: inout SplitMix) {
         let count = Int.random(in: 1...8, using: &rng)
         for _ in 0..<count {
             let i = Int.random(in: range, using: &rng)
@@ -49,7 +38,7 @@ import Testing
     @Test func headerParser() throws {
         let dir = try TemporaryDirectory("qcow2-fuzz-h")
         let seed = Array(try Q.fileBytes(try Self.seedImage(dir)).prefix(512))
-        var rng = SeededGenerator(state: 0x5EED_0001)
+        var rng = SplitMix(seed: 0x5EED_0001)
         var accepted = 0
         for _ in 0..<20000 {
             var bytes = seed
@@ -64,7 +53,7 @@ import Testing
     }
 
     @Test func snapshotTableAndBitmapDirectoryParsers() {
-        var rng = SeededGenerator(state: 0x5EED_0002)
+        var rng = SplitMix(seed: 0x5EED_0002)
         for _ in 0..<5000 {
             let bytes = (0..<Int.random(in: 0...300, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }
             _ = try? QCOW2Snapshot.parseTable(bytes, count: Int.random(in: 0...5, using: &rng))
@@ -79,7 +68,7 @@ import Testing
         header.version = version
         if extended { header.incompatibleFeatures.insert(.extendedL2) }
         let g = Geometry(header: header)
-        var rng = SeededGenerator(state: 0x5EED_0003 ^ UInt64(clusterBits))
+        var rng = SplitMix(seed: 0x5EED_0003 ^ UInt64(clusterBits))
         let interesting: [UInt64] = [0, 1, EntryBits.copied, EntryBits.compressed, EntryBits.offsetMask, .max,
                                      EntryBits.copied | (1 << UInt64(clusterBits)), 0xFFFF_FFFF, 0xFFFF_FFFF_0000_0000]
         let entryCount = Int(g.clusterSize / 8)
@@ -108,7 +97,7 @@ import Testing
         let l2 = Int(ByteCursor.peek(UInt64.self, in: seed, at: l1)! & EntryBits.offsetMask)
         let regions = [0..<512, l1..<l1 + 512, refcount..<refcount + 512, 0..<seed.count, l2..<l2 + 512, l2..<l2 + 512,
                        Int(header.snapshotsOffset)..<Int(header.snapshotsOffset) + 512]
-        var rng = SeededGenerator(state: 0x5EED_0004)
+        var rng = SplitMix(seed: 0x5EED_0004)
         let path = dir.file("mutant.qcow2")
         var opened = 0
         for _ in 0..<400 {
@@ -139,7 +128,7 @@ import Testing
         let l2 = Int(ByteCursor.peek(UInt64.self, in: seed, at: l1)! & EntryBits.offsetMask)
         let refblock = Int(ByteCursor.peek(UInt64.self, in: seed, at: refcount)! & EntryBits.offsetMask)
         let regions = [0..<512, l1..<l1 + 512, refcount..<refcount + 512, refblock..<refblock + 512, l2..<l2 + 512]
-        var rng = SeededGenerator(state: 0x5EED_0005)
+        var rng = SplitMix(seed: 0x5EED_0005)
         let path = dir.file("mutant-rw.qcow2")
         var opened = 0
         for _ in 0..<250 {

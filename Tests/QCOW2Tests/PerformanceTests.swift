@@ -65,7 +65,7 @@ struct PerformanceTests {
             let count = 20000
             let time = Self.seconds {
                 DispatchQueue.concurrentPerform(iterations: 4) { t in
-                    var rng = FuzzTests.SeededGenerator(state: UInt64(t + 1))
+                    var rng = SplitMix(seed: UInt64(t + 1))
                     let block = [UInt8](repeating: UInt8(t), count: 4096)
                     for _ in 0..<count / 4 {
                         let at = UInt64.random(in: 0..<span, using: &rng) * 4096

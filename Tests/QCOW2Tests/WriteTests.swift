@@ -72,7 +72,7 @@ import Testing
     }
 
     static func randomOps(count: Int, size: UInt64, cluster: UInt64, seed: UInt64) -> [Op] {
-        var rng = FuzzTests.SeededGenerator(state: seed)
+        var rng = SplitMix(seed: seed)
         var ops: [Op] = []
         for i in 0..<count {
             // Half the ranges start on a cluster boundary, to hit the whole-cluster paths.
@@ -343,7 +343,7 @@ import Testing
         DispatchQueue.concurrentPerform(iterations: threads) { t in
             let lower = bounds[t], upper = bounds[t + 1]
             var model = Array(initial[lower..<upper])
-            var rng = FuzzTests.SeededGenerator(state: UInt64(t) * 7 + 1)
+            var rng = SplitMix(seed: UInt64(t) * 7 + 1)
             for i in 0..<60 {
                 let offset = Int.random(in: 0..<model.count, using: &rng)
                 let length = Int.random(in: 1...min(model.count - offset, 40_000), using: &rng)
