@@ -25,17 +25,7 @@ import Testing
     @Test(arguments: kinds)
     func crashAtEveryWrite(_ kind: WriteTests.Kind) throws {
         let dir = try TemporaryDirectory("qcow2-crash")
-        let pristine = try kind.make(dir)
-        let pristineBytes = try Data(contentsOf: URL(fileURLWithPath: pristine))
-        let initial = try Q.qemuRaw(pristine, scratch: dir)
-        let work = pristine + ".work"
-        let probe = try QCOW2Device(path: pristine, readOnly: true)
-        let cluster = probe.geometry.clusterSize, size = probe.size
-        probe.close()
-        var ops = WriteTests.randomOps(count: 14, size: size, cluster: cluster, seed: 99)
-        if kind.name.contains("512") {  // enough allocation to need new refcount blocks
-            ops.insert(.write(0, [UInt8](repeating: 0x3C, count: 256 * 1024)), at: 0)
-        }
+        let (pristineBytes, initial, work, ops) = try Scenario.make(kind, in: dir, seed: 99)
 
         var crashes = 0
         for budget in stride(from: 0, through: 400, by: kind.name.contains("512") ? 7 : 3) {
@@ -81,15 +71,7 @@ import Testing
     @Test(arguments: [WriteTests.kinds[0], WriteTests.kinds[9], WriteTests.kinds[10], WriteTests.kinds[12]])
     func failOneWriteThenContinue(_ kind: WriteTests.Kind) throws {
         let dir = try TemporaryDirectory("qcow2-transient")
-        let pristine = try kind.make(dir)
-        let pristineBytes = try Data(contentsOf: URL(fileURLWithPath: pristine))
-        let initial = try Q.qemuRaw(pristine, scratch: dir)
-        let work = pristine + ".work"
-        let probe = try QCOW2Device(path: pristine, readOnly: true)
-        let cluster = probe.geometry.clusterSize, size = probe.size
-        probe.close()
-        var ops = WriteTests.randomOps(count: 14, size: size, cluster: cluster, seed: 1234)
-        if kind.name.contains("512") { ops.insert(.write(0, [UInt8](repeating: 0x3C, count: 256 * 1024)), at: 0) }
+        let (pristineBytes, initial, work, ops) = try Scenario.make(kind, in: dir, seed: 1234)
 
         for budget in stride(from: 0, through: 300, by: kind.name.contains("512") ? 13 : 7) {
             try pristineBytes.write(to: URL(fileURLWithPath: work))
@@ -144,5 +126,23 @@ import Testing
         case .zero(let o, let l, _): i >= Int(o) && i < Int(o + l)
         case .trim: false
         }
+    }
+}
+
+/// The setup both crash suites share: a pristine image, what qemu reads from it,
+/// a path for the working copy, and a random workload for its geometry.
+enum Scenario {
+    static func make(_ kind: WriteTests.Kind, in dir: TemporaryDirectory, seed: UInt64) throws
+        -> (pristine: Data, initial: [UInt8], work: String, ops: [WriteTests.Op]) {
+        let pristine = try kind.make(dir)
+        let probe = try QCOW2Device(path: pristine, readOnly: true)
+        let cluster = probe.geometry.clusterSize, size = probe.size
+        probe.close()
+        var ops = WriteTests.randomOps(count: 14, size: size, cluster: cluster, seed: seed)
+        if kind.name.contains("512") {  // enough allocation to need new refcount blocks
+            ops.insert(.write(0, [UInt8](repeating: 0x3C, count: 256 * 1024)), at: 0)
+        }
+        return (try Data(contentsOf: URL(fileURLWithPath: pristine)), try Q.qemuRaw(pristine, scratch: dir),
+                pristine + ".work", ops)
     }
 }
