@@ -11,6 +11,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-collections", from: "1.1.0"),
     ],
     targets: [
         // C libraries, through pkg-config.
@@ -31,7 +32,8 @@ let package = Package(
         // Listener, connections, handshake and transmission.
         .target(name: "NBDServer",
                 dependencies: ["NBDProtocol", "BlockDevice", "SystemIO",
-                               .product(name: "Logging", package: "swift-log")],
+                               .product(name: "Logging", package: "swift-log"),
+                               .product(name: "DequeModule", package: "swift-collections")],
                 swiftSettings: swiftSettings),
         // Glue between the CLI and the modules: probing, configuration, refusals.
         .target(name: "SwiftNBDKit",

@@ -1,6 +1,8 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <unistd.h>
+#include <pthread.h>
+#include <sched.h>
 #include <linux/falloc.h>
 #include "CSystemShims.h"
 
@@ -16,3 +18,10 @@ int cshim_accept_cloexec(int fd, struct sockaddr *addr, socklen_t *len) {
     return accept4(fd, addr, len, SOCK_CLOEXEC);
 }
 int cshim_stream_socket(int family) { return socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0); }
+int cshim_set_thread_name(pthread_t thread, const char *name) { return pthread_setname_np(thread, name); }
+int cshim_available_processors(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}

@@ -26,6 +26,15 @@ public struct ClientFlags: OptionSet, Sendable {
     public static let fixedNewstyle = ClientFlags(rawValue: 1 << 0)
     public static let noZeroes = ClientFlags(rawValue: 1 << 1)
     public static let known: ClientFlags = [.fixedNewstyle, .noZeroes]
+
+    /// The flags a client sends after the greeting. Unknown bits are an error (the
+    /// spec: the server MUST close the connection); no bits at all is plain
+    /// newstyle, which may still ask for an export with NBD_OPT_EXPORT_NAME.
+    public static func decode(_ raw: UInt32) throws(ProtocolError) -> ClientFlags {
+        let flags = ClientFlags(rawValue: raw)
+        guard known.isSuperset(of: flags) else { throw .unknownClientFlags(raw) }
+        return flags
+    }
 }
 
 /// Per-export flags announced before transmission.

@@ -79,19 +79,28 @@ public enum ReplyHeader {
     }
 }
 
+/// A whole chunk as bytes: the header from `ReplyHeader.writeChunk` (the one
+/// place a chunk header is encoded), then a payload written by `body` into
+/// exactly `payloadLength` bytes.
+func encodeChunk(flags: ChunkFlags, type: ChunkType, cookie: UInt64, payloadLength: Int,
+                 _ body: (UnsafeMutableRawBufferPointer) -> Void) -> [UInt8] {
+    let total = ReplyHeader.chunkSize + payloadLength
+    return [UInt8](unsafeUninitializedCapacity: total) { buffer, count in
+        let raw = UnsafeMutableRawBufferPointer(buffer)
+        let at = ReplyHeader.writeChunk(raw, flags: flags, type: type, cookie: cookie, length: UInt32(payloadLength))
+        body(UnsafeMutableRawBufferPointer(rebasing: raw[at...]))
+        count = total
+    }
+}
+
 /// A structured NBD_REPLY_TYPE_ERROR chunk with a human-readable message.
 public func encodeErrorChunk(cookie: UInt64, error: NBDError, message: String) -> [UInt8] {
     let text = Array(message.utf8.prefix(Limits.maxString))
-    var w = WireWriter(capacity: ReplyHeader.chunkSize + 6 + text.count)
-    w.write(Magic.structuredReply)
-    w.write(ChunkFlags.done.rawValue)
-    w.write(ChunkType.error.rawValue)
-    w.write(cookie)
-    w.write(UInt32(6 + text.count))
-    w.write(error.rawValue)
-    w.write(UInt16(text.count))
-    w.write(text)
-    return w.bytes
+    return encodeChunk(flags: .done, type: .error, cookie: cookie, payloadLength: 6 + text.count) { payload in
+        var at = payload.storeBigEndian(error.rawValue, at: 0)
+        at = payload.storeBigEndian(UInt16(text.count), at: at)
+        UnsafeMutableRawBufferPointer(rebasing: payload[at...]).copyBytes(from: text)
+    }
 }
 
 /// One block status descriptor: a run of `length` bytes with `flags`.
@@ -107,27 +116,17 @@ public struct BlockStatusDescriptor: Equatable, Sendable {
 /// A NBD_REPLY_TYPE_BLOCK_STATUS chunk for one metadata context.
 public func encodeBlockStatusChunk(cookie: UInt64, final: Bool, contextID: UInt32,
                                    descriptors: [BlockStatusDescriptor]) -> [UInt8] {
-    var w = WireWriter(capacity: ReplyHeader.chunkSize + 4 + descriptors.count * 8)
-    w.write(Magic.structuredReply)
-    w.write((final ? ChunkFlags.done : []).rawValue)
-    w.write(ChunkType.blockStatus.rawValue)
-    w.write(cookie)
-    w.write(UInt32(4 + descriptors.count * 8))
-    w.write(contextID)
-    for d in descriptors {
-        w.write(d.length)
-        w.write(d.flags)
+    encodeChunk(flags: final ? .done : [], type: .blockStatus, cookie: cookie,
+                payloadLength: 4 + descriptors.count * 8) { payload in
+        var at = payload.storeBigEndian(contextID, at: 0)
+        for d in descriptors {
+            at = payload.storeBigEndian(d.length, at: at)
+            at = payload.storeBigEndian(d.flags, at: at)
+        }
     }
-    return w.bytes
 }
 
 /// A NBD_REPLY_TYPE_NONE chunk with the DONE flag, ending a reply.
 public func encodeDoneChunk(cookie: UInt64) -> [UInt8] {
-    var w = WireWriter(capacity: ReplyHeader.chunkSize)
-    w.write(Magic.structuredReply)
-    w.write(ChunkFlags.done.rawValue)
-    w.write(ChunkType.none.rawValue)
-    w.write(cookie)
-    w.write(UInt32(0))
-    return w.bytes
+    encodeChunk(flags: .done, type: .none, cookie: cookie, payloadLength: 0) { _ in }
 }

@@ -1,355 +1,245 @@
 import BlockDevice
-import Dispatch
 import Logging
 import NBDProtocol
 import Synchronization
 import SystemIO
 
-/// One client: negotiation, then the transmission loop. Requests are read
-/// on the connection's own thread and run concurrently on the shared I/O
-/// queue; replies go out under `sendLock` in whatever order they finish.
+/// Per-connection limits.
+public struct ConnectionLimits: Sendable {
+    /// Reply bytes a connection may have queued or in flight; at the cap it
+    /// reads no more requests and TCP pushes back on the client.
+    public var maxQueuedBytes: Int = 64 << 20
+
+    public init(maxQueuedBytes: Int = 64 << 20) {
+        self.maxQueuedBytes = maxQueuedBytes
+    }
+}
+
+/// One client, from accept to close. Its own thread runs the handshake and
+/// then the transmission reader; device threads run its requests
+/// (`perform`); its `ReplyWriter` sends the replies. The connection owns its
+/// socket: only it closes the descriptor, and shutdowns from other threads
+/// go through it, so none can hit a number the kernel has since reused.
 final class Connection: @unchecked Sendable {
-    let socket: Socket
+    /// Where the connection is; it only moves forward.
+    enum Status: UInt8, Comparable {
+        case negotiating
+        /// In transmission, reading requests.
+        case active
+        /// Reading no more; answering what was received (NBD_CMD_DISC, a
+        /// protocol violation, or the server stopping), then closing.
+        case draining
+        /// The client is gone or was cut off: requests not started are
+        /// dropped, those under way finish without a reply.
+        case dead
+
+        static func < (a: Status, b: Status) -> Bool { a.rawValue < b.rawValue }
+    }
+
+    let id: Int
     let peer: String
+    private let socket: Socket
     private let export: Export
-    private var logger: Logger
-    private let pool: BufferPool
-    private let ioQueue: DispatchQueue
+    private let buffers: BufferPool
+    private let devices: DevicePool
+    private let limits: ConnectionLimits
     private let handshakeTimeout: Double?
+    private var logger: Logger
+    let counters = TransferCounters()
 
-    private let sendLock = Lock()
-    private let inFlight = DispatchGroup()
-    /// Bounds requests in flight per connection, and so the memory a client can pin.
-    private let slots = DispatchSemaphore(value: 64)
-    private let largeSlots = DispatchSemaphore(value: 8)
-    private static let largeRequest: UInt32 = 1 << 20
+    private let lock = Lock()
+    private let changed: Condition
+    private let currentStatus = Atomic<UInt8>(Status.negotiating.rawValue)
+    // Guarded by lock.
+    private var socketOpen = true
+    private var reservedBytes = 0
+    /// Requests read and not yet answered or dropped.
+    private var pending = 0
+    private var endReason: String?
 
-    let bytesRead = Atomic<UInt64>(0)
-    let bytesWritten = Atomic<UInt64>(0)
-    private var session = Session()
+    // Set once on the connection's thread before the first request is
+    // submitted; the device pool's lock orders that before any use.
+    private var handler: RequestHandler!
+    private var writer: ReplyWriter!
 
-    init(socket: Socket, peer: String, id: Int, export: Export, pool: BufferPool, ioQueue: DispatchQueue,
-         handshakeTimeout: Double?, logger: Logger) {
+    init(socket: Socket, peer: String, id: Int, export: Export, buffers: BufferPool, devices: DevicePool,
+         limits: ConnectionLimits, handshakeTimeout: Double?, logger: Logger) {
         self.socket = socket
         self.peer = peer
+        self.id = id
         self.export = export
-        self.pool = pool
-        self.ioQueue = ioQueue
+        self.buffers = buffers
+        self.devices = devices
+        self.limits = limits
         self.handshakeTimeout = handshakeTimeout
         self.logger = logger
         self.logger[metadataKey: "nbd.conn"] = "\(id)"
         self.logger[metadataKey: "nbd.peer"] = "\(peer)"
+        changed = Condition(lock)
     }
 
-    enum End: Error {
-        case clientDone
-        case violation(String)
-    }
+    var status: Status { Status(rawValue: currentStatus.load(ordering: .acquiring))! }
 
-    /// Serves the client until it leaves; blocks the calling thread.
+    /// Serves the client until the connection ends; blocks the calling thread,
+    /// which must be the connection's own.
     func run() {
         var reader = SocketReader(socket: socket)
-        let reason: String
+        let deadline = handshakeTimeout.map { MonotonicClock.now() + UInt64($0 * 1e9) }
+        let handshake = Handshake(socket: socket, export: export, logger: logger, deadline: deadline)
+        let session: Session
         do {
-            try negotiate(&reader)
-            logger.debug("Transmission started", metadata: [
-                "nbd.export": "\(export.name)", "nbd.structured": "\(session.structuredReplies)",
-                "nbd.flags": "0x\(String(session.flags.rawValue, radix: 16))",
-            ])
-            try transmit(&reader)
-            reason = "client disconnected"
-        } catch End.clientDone {
-            reason = "client disconnected"
-        } catch End.violation(let why) {
-            reason = why
-        } catch SocketReader.Failure.closed(atBoundary: true) {
-            reason = "client closed the connection"
-        } catch SocketReader.Failure.closed(atBoundary: false) {
-            reason = "client closed the connection mid-message"
-        } catch SocketReader.Failure.system(let errno) {
-            reason = errno == .wouldBlock ? "handshake timed out" : "read failed: \(errno)"
+            session = try handshake.run(&reader)
         } catch {
-            reason = "\(error)"
+            finish(reason: Self.describe(handshakeFailure: error))
+            return
         }
-        // Everything already received is answered before the socket closes.
-        inFlight.wait()
-        socket.close()
+        handler = RequestHandler(device: export.device, session: session, buffers: buffers, counters: counters,
+                                 logger: logger)
+        writer = ReplyWriter(socket: socket, name: "nbd-send-\(id)", finished: { [unowned self] reply in
+            if case .pooled(let data) = reply.body { buffers.give(data) }
+            release(reply.cost)
+        }, failed: { [unowned self] error in
+            end(.dead, reason: "reply not sent: \(error)")
+        })
+        guard lock.withLock({ () -> Bool in
+            guard status == .negotiating else { return false }
+            setStatus(.active)
+            return true
+        }) else {
+            finish(reason: "server stopping")
+            return
+        }
+        logger.debug("Transmission started", metadata: [
+            "nbd.export": "\(export.name)", "nbd.structured": "\(session.structuredReplies)",
+            "nbd.flags": "0x\(String(session.flags.rawValue, radix: 16))",
+        ])
+        var transmission = TransmissionReader(connection: self, session: session, exportSize: export.device.size,
+                                              logger: logger)
+        let ending = transmission.run(&reader)
+        end(ending.status, reason: ending.reason)
+        lock.withLock { while pending > 0 { changed.wait() } }
+        writer.stop()
+        finish(reason: nil)
+    }
+
+    private func finish(reason: String?) {
+        let why = lock.withLock { () -> String in
+            if socketOpen {
+                socketOpen = false
+                socket.close()
+            }
+            return endReason ?? reason ?? "closed"
+        }
         logger.info("Connection closed", metadata: [
-            "nbd.reason": "\(reason)",
-            "nbd.bytes_read": "\(bytesRead.load(ordering: .relaxed))",
-            "nbd.bytes_written": "\(bytesWritten.load(ordering: .relaxed))",
+            "nbd.reason": "\(why)",
+            "nbd.bytes_read": "\(counters.read.load(ordering: .relaxed))",
+            "nbd.bytes_written": "\(counters.written.load(ordering: .relaxed))",
         ])
     }
 
-    // MARK: - Negotiation
-
-    private func negotiate(_ reader: inout SocketReader) throws {
-        // The timeout bounds the whole negotiation, so a client trickling
-        // options can't hold a slot longer than a silent one.
-        let deadline = handshakeTimeout.map { DispatchTime.now() + $0 }
-        func armTimeout() throws {
-            guard let deadline else { return }
-            let left = Double(Int64(deadline.uptimeNanoseconds) - Int64(DispatchTime.now().uptimeNanoseconds)) / 1e9
-            guard left > 0 else { throw End.violation("handshake timed out") }
-            socket.setReceiveTimeout(seconds: left)
-        }
-        try armTimeout()
-        try send(encodeGreeting(flags: [.fixedNewstyle, .noZeroes]))
-        var flagBytes = (UInt32(0))
-        try withUnsafeMutableBytes(of: &flagBytes) { try reader.readExactly(into: $0) }
-        let clientFlags = UInt32(bigEndian: flagBytes)
-        if let problem = Negotiation.validate(clientFlags: clientFlags) { throw End.violation(problem) }
-        var negotiation = Negotiation(export: export, clientFlags: ClientFlags(rawValue: clientFlags))
-        var header = [UInt8](repeating: 0, count: OptionHeader.wireSize)
-        while true {
-            try armTimeout()
-            try header.withUnsafeMutableBytes { try reader.readExactly(into: $0) }
-            let option: OptionHeader
-            do {
-                option = try header.withUnsafeBytes { raw throws(ProtocolError) in
-                    var r = WireReader(raw)
-                    return try OptionHeader.decode(&r)!
-                }
-            } catch {
-                throw End.violation("bad option header: \(error)")
-            }
-            var payload = [UInt8](repeating: 0, count: Int(option.length))
-            try payload.withUnsafeMutableBytes { try reader.readExactly(into: $0) }
-            logger.trace("Option", metadata: ["nbd.option": "\(option.option)", "nbd.length": "\(option.length)"])
-            let action = payload.withUnsafeBytes { negotiation.received(option.option, payload: $0) }
-            switch action {
-            case .reply(let replies):
-                try send(replies)
-            case .transmit(let replies, let agreed):
-                try send(replies)
-                session = agreed
-                socket.setReceiveTimeout(seconds: nil)
-                return
-            case .transmitAfterExportName(let bytes, let agreed):
-                try send(bytes)
-                session = agreed
-                socket.setReceiveTimeout(seconds: nil)
-                return
-            case .close(let replies, let reason):
-                try? send(replies)
-                throw End.violation(reason)
-            }
+    private static func describe(handshakeFailure error: any Error) -> String {
+        switch error {
+        case Handshake.Failure.timedOut, SocketReader.Failure.system(.wouldBlock): "handshake timed out"
+        case Handshake.Failure.refused(let why): why
+        case SocketReader.Failure.closed: "client closed the connection during the handshake"
+        case SocketReader.Failure.system(let errno): "handshake failed: \(errno)"
+        default: "handshake failed: \(error)"
         }
     }
 
-    private func send(_ replies: [OptionReply]) throws {
-        var w = WireWriter()
-        for r in replies { r.encode(into: &w) }
-        try send(w.bytes)
+    // MARK: - Status changes (from any thread)
+
+    /// Called with the lock held.
+    private func setStatus(_ new: Status) {
+        currentStatus.store(new.rawValue, ordering: .releasing)
+        changed.broadcast()
     }
 
-    private func send(_ bytes: [UInt8]) throws {
-        try bytes.withUnsafeBytes { raw in try sendLock.withLock { () throws(Errno) in try socket.writeAll(raw) } }
+    /// Moves to `target` if that is forward; the first reason given is the one logged.
+    func end(_ target: Status, reason: String) {
+        let becameDead = lock.withLock { () -> Bool in
+            guard status < target else { return false }
+            if endReason == nil { endReason = reason }
+            switch target {
+            case .dead:
+                if socketOpen { socket.shutdown() }  // wakes our reader and writer
+            case .draining where status == .negotiating:
+                // Nothing to answer yet: the handshake is simply cut off.
+                if socketOpen { socket.shutdown() }
+            case .draining:
+                if socketOpen { socket.shutdownRead() }  // the reader sees end of file; replies still go out
+            default:
+                break
+            }
+            setStatus(target)
+            return target == .dead
+        }
+        if becameDead { writer?.fail(.connectionReset) }
     }
 
-    // MARK: - Transmission
+    // MARK: - Budget (the transmission reader's backpressure)
 
-    private func transmit(_ reader: inout SocketReader) throws {
-        let header = UnsafeMutableRawBufferPointer.allocate(byteCount: Request.wireSize, alignment: 8)
-        defer { header.deallocate() }
-        while true {
-            try reader.readExactly(into: header)
-            var r = WireReader(UnsafeRawBufferPointer(header))
-            let request: Request
-            do {
-                request = try Request.decode(&r)!
-            } catch {
-                throw End.violation("bad request: \(error)")
+    /// Reserves `cost` bytes for a request about to be read, waiting while the
+    /// connection is over its cap. False when the connection has stopped reading.
+    func reserve(_ cost: Int) -> Bool {
+        lock.withLock {
+            while status == .active && reservedBytes > 0 && reservedBytes + cost > limits.maxQueuedBytes {
+                changed.wait()
             }
-            if request.command == .disconnect { throw End.clientDone }
-            let invalid = validate(request, size: export.device.size, session: session)
-            if request.command.hasPayload {
-                if let (error, why) = invalid {
-                    // The payload is on the wire either way; drain it to stay in sync.
-                    try reader.skip(UInt64(request.length))
-                    reject(request, error, why)
-                    continue
-                }
-                let payload = pool.take(Int(request.length))
-                do {
-                    try reader.readExactly(into: payload)
-                } catch {
-                    pool.give(payload)
-                    throw error
-                }
-                dispatch(request, payload: payload)
-            } else if let (error, why) = invalid {
-                reject(request, error, why)
-            } else {
-                dispatch(request, payload: nil)
-            }
+            guard status == .active else { return false }
+            reservedBytes += cost
+            pending += 1
+            return true
         }
     }
 
-    private func reject(_ request: Request, _ error: NBDError, _ why: String) {
+    fileprivate func release(_ cost: Int) {
+        lock.withLock {
+            reservedBytes -= cost
+            pending -= 1
+            changed.broadcast()
+        }
+    }
+
+    // MARK: - Requests
+
+    /// Runs a request on a device thread; called for requests that passed validation.
+    func submit(_ request: Request, payload: UnsafeMutableRawBufferPointer?, cost: Int) {
+        devices.submit(DeviceJob(connection: self, request: request, payload: payload, cost: cost))
+    }
+
+    /// Answers a request that failed validation, without touching the device.
+    func reject(_ request: Request, _ error: NBDError, _ why: String, cost: Int) {
         logger.debug("Invalid request", metadata: [
             "nbd.cmd": "\(request.command)", "nbd.error": "\(error)", "nbd.reason": "\(why)",
         ])
-        replyError(request, error, why)
+        var reply = handler.errorReply(request, error, why)
+        reply.cost = cost
+        writer.enqueue(reply)
     }
 
-    private func dispatch(_ request: Request, payload: UnsafeMutableRawBufferPointer?) {
-        let large = request.length >= Self.largeRequest && (request.command == .read || request.command == .write)
-        slots.wait()
-        if large { largeSlots.wait() }
-        inFlight.enter()
-        let owned = PayloadBuffer(bytes: payload)
-        ioQueue.async { [self] in
-            handle(request, payload: owned.bytes)
-            if let payload = owned.bytes { pool.give(payload) }
-            if large { largeSlots.signal() }
-            slots.signal()
-            inFlight.leave()
+    /// On a device thread.
+    func perform(_ job: DeviceJob) {
+        guard status != .dead else {
+            if let payload = job.payload { buffers.give(payload) }
+            release(job.cost)
+            return
         }
-    }
-
-    private func handle(_ request: Request, payload: UnsafeMutableRawBufferPointer?) {
-        logger.trace("Request", metadata: [
-            "nbd.cmd": "\(request.command)", "nbd.offset": "\(request.offset)", "nbd.length": "\(request.length)",
-        ])
-        let device = export.device
-        let fua = request.flags.contains(.fua)
-        do throws(DeviceError) {
-            switch request.command {
-            case .read:
-                try handleRead(request)
-                return
-            case .write:
-                try device.write(UnsafeRawBufferPointer(payload!), at: request.offset, fua: fua)
-                bytesWritten.add(UInt64(request.length), ordering: .relaxed)
-            case .flush:
-                try device.flush()
-            case .trim:
-                try device.trim(at: request.offset, length: UInt64(request.length), fua: fua)
-            case .writeZeroes:
-                try device.writeZeroes(at: request.offset, length: UInt64(request.length),
-                                       mayDeallocate: !request.flags.contains(.noHole),
-                                       fast: request.flags.contains(.fastZero), fua: fua)
-            case .cache:
-                try device.cache(at: request.offset, length: UInt64(request.length))
-            case .blockStatus:
-                try handleBlockStatus(request)
-                return
-            default:
-                preconditionFailure("validated request with command \(request.command)")
-            }
-            replySimple(cookie: request.cookie, error: .ok)
-        } catch {
-            logger.debug("Request failed", metadata: ["nbd.cmd": "\(request.command)", "nbd.reason": "\(error)"])
-            replyError(request, nbdError(for: error), error.reason)
-        }
-    }
-
-    private func handleRead(_ request: Request) throws(DeviceError) {
-        let data = pool.take(Int(request.length))
-        defer { pool.give(data) }
-        try export.device.read(into: data, at: request.offset)
-        bytesRead.add(UInt64(request.length), ordering: .relaxed)
-        withUnsafeTemporaryAllocation(byteCount: 32, alignment: 8) { header in
-            if !session.structuredReplies {
-                ReplyHeader.writeSimple(header, error: .ok, cookie: request.cookie)
-                sendReply(UnsafeRawBufferPointer(rebasing: header[..<ReplyHeader.simpleSize]),
-                          UnsafeRawBufferPointer(data))
-            } else if isAllZero(UnsafeRawBufferPointer(data)) {
-                // A hole chunk tells the client it reads as zeros, without sending them.
-                let n = ReplyHeader.writeOffsetHole(header, flags: .done, cookie: request.cookie,
-                                                    offset: request.offset, holeLength: request.length)
-                sendReply(UnsafeRawBufferPointer(rebasing: header[..<n]), UnsafeRawBufferPointer(start: nil, count: 0))
-            } else {
-                let n = ReplyHeader.writeOffsetData(header, flags: .done, cookie: request.cookie,
-                                                    offset: request.offset, dataLength: request.length)
-                sendReply(UnsafeRawBufferPointer(rebasing: header[..<n]), UnsafeRawBufferPointer(data))
-            }
-        }
-    }
-
-    private func handleBlockStatus(_ request: Request) throws(DeviceError) {
-        let device = export.device
-        let length = UInt64(request.length)
-        let one = request.flags.contains(.requestOne)
-        var chunks: [[UInt8]] = []
-        for (index, context) in session.metaContexts.enumerated() {
-            var descriptors: [BlockStatusDescriptor]
-            switch context {
-            case .baseAllocation:
-                descriptors = try device.extents(at: request.offset, length: length).map {
-                    var flags: AllocationFlags = []
-                    if $0.flags.contains(.hole) { flags.insert(.hole) }
-                    if $0.flags.contains(.zero) { flags.insert(.zero) }
-                    return BlockStatusDescriptor(length: UInt32(min($0.length, length)), flags: flags.rawValue)
-                }
-            case .allocationDepth:
-                descriptors = try device.allocationDepth(at: request.offset, length: length).map {
-                    BlockStatusDescriptor(length: UInt32(min($0.length, length)), flags: $0.depth)
-                }
-            }
-            descriptors = clip(descriptors, to: request.length)
-            if one { descriptors = Array(descriptors.prefix(1)) }
-            guard !descriptors.isEmpty else { throw DeviceError(.io, "device reported no extents") }
-            chunks.append(encodeBlockStatusChunk(cookie: request.cookie, final: index == session.metaContexts.count - 1,
-                                                 contextID: context.rawValue, descriptors: descriptors))
-        }
-        let buffers = chunks.map { $0.withUnsafeBytes { $0 } }
-        withExtendedLifetime(chunks) { sendReply(buffers) }
-    }
-
-    /// Descriptors must not run past the requested length (spec: BLOCK_STATUS).
-    private func clip(_ descriptors: [BlockStatusDescriptor], to length: UInt32) -> [BlockStatusDescriptor] {
-        var left = length
-        var result: [BlockStatusDescriptor] = []
-        for var d in descriptors where left > 0 && d.length > 0 {
-            d.length = min(d.length, left)
-            left -= d.length
-            result.append(d)
-        }
-        return result
-    }
-
-    // MARK: - Replies
-
-    private func replySimple(cookie: UInt64, error: NBDError) {
-        withUnsafeTemporaryAllocation(byteCount: ReplyHeader.simpleSize, alignment: 8) { header in
-            ReplyHeader.writeSimple(header, error: error, cookie: cookie)
-            sendReply(UnsafeRawBufferPointer(header), UnsafeRawBufferPointer(start: nil, count: 0))
-        }
-    }
-
-    /// Reads and block status errors carry a message when structured replies are on.
-    private func replyError(_ request: Request, _ error: NBDError, _ message: String) {
-        if session.structuredReplies && (request.command == .read || request.command == .blockStatus) {
-            let chunk = encodeErrorChunk(cookie: request.cookie, error: error, message: message)
-            chunk.withUnsafeBytes { sendReply([$0]) }
-        } else {
-            replySimple(cookie: request.cookie, error: error)
-        }
-    }
-
-    /// Sends one whole reply; a failure means the client is gone, and the
-    /// reading side will notice and end the connection.
-    private func sendReply(_ buffers: [UnsafeRawBufferPointer]) {
-        sending { () throws(Errno) in try socket.writeAll(buffers) }
-    }
-
-    private func sendReply(_ header: UnsafeRawBufferPointer, _ data: UnsafeRawBufferPointer) {
-        sending { () throws(Errno) in try socket.writeAll(header, data) }
-    }
-
-    private func sending(_ write: () throws(Errno) -> Void) {
-        do {
-            try sendLock.withLock(write)
-        } catch {
-            logger.debug("Reply not sent", metadata: ["nbd.reason": "\(error)"])
-            socket.shutdown()
-        }
+        var reply = handler.handle(job.request, payload: job.payload)
+        if let payload = job.payload { buffers.give(payload) }
+        reply.cost = job.cost
+        // A client gone while this ran gets no reply (the writer drops it).
+        writer.enqueue(reply)
     }
 }
 
-/// A request's payload, owned by exactly one request at a time.
-private struct PayloadBuffer: @unchecked Sendable {
-    let bytes: UnsafeMutableRawBufferPointer?
+extension Connection {
+    /// A buffer for a WRITE's payload.
+    func takeBuffer(_ count: Int) -> UnsafeMutableRawBufferPointer? { buffers.take(count) }
+
+    /// Gives back a payload that was never submitted, with its reservation.
+    func dropPayload(_ payload: UnsafeMutableRawBufferPointer, cost: Int) {
+        buffers.give(payload)
+        release(cost)
+    }
 }

@@ -25,6 +25,8 @@ public struct Negotiation {
 
     let export: Export
     let noZeroes: Bool
+    /// Without NBD_FLAG_C_FIXED_NEWSTYLE, NBD_OPT_EXPORT_NAME is the only option there is.
+    let fixedNewstyle: Bool
     private(set) var session = Session()
     private var metaContextsFor: String?
     private var optionCount = 0
@@ -32,20 +34,17 @@ public struct Negotiation {
     public init(export: Export, clientFlags: ClientFlags) {
         self.export = export
         noZeroes = clientFlags.contains(.noZeroes)
-    }
-
-    /// Checks the client's flags, which come right after the greeting.
-    public static func validate(clientFlags raw: UInt32) -> String? {
-        let flags = ClientFlags(rawValue: raw)
-        guard ClientFlags.known.isSuperset(of: flags) else { return "unknown client flags 0x\(String(raw, radix: 16))" }
-        guard flags.contains(.fixedNewstyle) else { return "client does not speak fixed newstyle" }
-        return nil
+        fixedNewstyle = clientFlags.contains(.fixedNewstyle)
     }
 
     public mutating func received(_ option: OptionCode, payload: UnsafeRawBufferPointer) -> Action {
         optionCount += 1
         guard optionCount <= Limits.maxOptions else {
             return .close([], reason: "more than \(Limits.maxOptions) options")
+        }
+        guard fixedNewstyle || option == .exportName else {
+            // Such a client can't read option replies: the spec leaves only a disconnect, as qemu-nbd does.
+            return .close([], reason: "client without fixed newstyle sent \(option)")
         }
         switch option {
         case .exportName: return exportName(payload)

@@ -20,7 +20,7 @@ public struct ExportOptions: Sendable {
     public var description = ""
     public var allocationDepth = false
     public var l2CacheBytes: Int?
-    /// Most clients at once (`-e`); multi-conn is advertised only above 1.
+    /// Most clients at once (`-e`, 0: no limit); multi-conn is advertised unless it is 1.
     public var maxConnections = 1
     /// `-s`: writes go to a temporary overlay; the image is never modified.
     public var temporarySnapshot = false
@@ -82,6 +82,6 @@ public enum SwiftNBDKit {
         }
         return Export(name: options.exportName, description: options.description, device: device,
                       readOnly: readOnly, exposeAllocationDepth: options.allocationDepth,
-                      allowMultiConn: options.maxConnections > 1)
+                      allowMultiConn: options.maxConnections != 1)
     }
 }

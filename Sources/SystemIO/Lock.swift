@@ -5,7 +5,7 @@ import Glibc
 /// A plain mutex for state shared between Dispatch threads, where a value
 /// isn't Sendable (raw buffers) and so can't live in `Synchronization.Mutex`.
 public final class Lock: @unchecked Sendable {
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
 
     public init() { pthread_mutex_init(mutex, nil) }
 

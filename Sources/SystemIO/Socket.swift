@@ -66,14 +66,84 @@ public struct Socket: Sendable, Hashable {
         try writeAll([buffer])
     }
 
+    /// Sends what is left of `first` then `second` after skipping `sent` bytes of them, without
+    /// blocking unless `blocking`; returns the new count of bytes sent (all of both, or fewer when
+    /// the socket's buffer is full and the call may not block).
+    public func send(_ first: UnsafeRawBufferPointer, _ second: UnsafeRawBufferPointer, alreadySent sent: Int,
+                     blocking: Bool) throws(Errno) -> Int {
+        let total = first.count + second.count
+        var done = sent
+        let flags = Int32(MSG_NOSIGNAL) | (blocking ? 0 : Int32(MSG_DONTWAIT))
+        while done < total {
+            var vecs = (iovec(), iovec())
+            let n: Int = withUnsafeMutablePointer(to: &vecs) { pair in
+                pair.withMemoryRebound(to: iovec.self, capacity: 2) { v in
+                    var count = 0
+                    if done < first.count {
+                        v[0] = iovec(iov_base: UnsafeMutableRawPointer(mutating: first.baseAddress! + done),
+                                     iov_len: first.count - done)
+                        count = 1
+                    }
+                    let intoSecond = max(0, done - first.count)
+                    if second.count > intoSecond {
+                        v[count] = iovec(iov_base: UnsafeMutableRawPointer(mutating: second.baseAddress! + intoSecond),
+                                         iov_len: second.count - intoSecond)
+                        count += 1
+                    }
+                    var header = msghdr()
+                    header.msg_iov = v
+                    header.msg_iovlen = count
+                    return Glibc.sendmsg(rawValue, &header, flags)
+                }
+            }
+            if n >= 0 {
+                done += n
+                continue
+            }
+            let error = errno
+            if error == EINTR { continue }
+            if error == EAGAIN || error == EWOULDBLOCK { return done }
+            throw Errno(error)
+        }
+        return done
+    }
+
+    /// A connected pair of Unix stream sockets (for tests that play both ends).
+    public static func pair() throws(Errno) -> (Socket, Socket) {
+        var fds: (Int32, Int32) = (-1, -1)
+        let r = withUnsafeMutablePointer(to: &fds) {
+            $0.withMemoryRebound(to: Int32.self, capacity: 2) {
+                socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, $0)
+            }
+        }
+        guard r == 0 else { throw Errno.current }
+        return (Socket(rawValue: fds.0), Socket(rawValue: fds.1))
+    }
+
+    /// Sets the kernel's send buffer size (tests use a small one to fill it quickly).
+    public func setSendBufferSize(_ bytes: Int) {
+        var value = Int32(clamping: bytes)
+        _ = setsockopt(rawValue, SOL_SOCKET, SO_SNDBUF, &value, socklen_t(MemoryLayout<Int32>.size))
+    }
+
     /// Bounds how long a blocking read may wait; nil waits forever.
     public func setReceiveTimeout(seconds: Double?) {
+        setTimeout(SO_RCVTIMEO, seconds)
+    }
+
+    /// Bounds how long a blocking send may wait; nil waits forever.
+    public func setSendTimeout(seconds: Double?) {
+        setTimeout(SO_SNDTIMEO, seconds)
+    }
+
+    private func setTimeout(_ option: Int32, _ seconds: Double?) {
         var tv = timeval()
         if let seconds {
             tv.tv_sec = Int(seconds)
-            tv.tv_usec = Int((seconds - Double(Int(seconds))) * 1_000_000)
+            // A zero timeval means "no timeout": a deadline a few nanoseconds away must not become one.
+            tv.tv_usec = max(Int((seconds - Double(Int(seconds))) * 1_000_000), tv.tv_sec == 0 ? 1 : 0)
         }
-        _ = setsockopt(rawValue, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        _ = setsockopt(rawValue, SOL_SOCKET, option, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
 
     public func setNoDelay() {

@@ -43,7 +43,7 @@ struct SwiftNBD: ParsableCommand {
     @Option(name: [.customShort("D"), .long], help: "Export description, shown by nbdinfo.")
     var description: String = ""
 
-    @Option(name: [.customShort("e"), .long], help: "Most clients served at once.")
+    @Option(name: [.customShort("e"), .long], help: "Most clients served at once (0: no limit).")
     var shared: Int = 1
 
     @Option(name: [.customShort("l"), .customLong("load-snapshot")],
@@ -94,7 +94,7 @@ struct SwiftNBD: ParsableCommand {
 
     func validate() throws {
         guard (0...65535).contains(port) else { throw ValidationError("port \(port) is out of range") }
-        guard shared >= 1 else { throw ValidationError("--shared needs at least 1") }
+        guard shared >= 0 else { throw ValidationError("--shared can't be negative") }
         guard handshakeTimeout >= 0 else { throw ValidationError("--handshake-timeout can't be negative") }
         guard exportName.utf8.count <= 4096, description.utf8.count <= 4096 else {
             throw ValidationError("export names and descriptions are limited to 4096 bytes")

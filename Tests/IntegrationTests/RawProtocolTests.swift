@@ -115,13 +115,31 @@ import Testing
         _ = try raw.go()
         try raw.sendRequest(Request(command: .read, cookie: 1, offset: 0, length: Limits.maxPayload + 1))
         #expect(try raw.receiveSimpleReply()?.error == .invalid)
-        // An oversized write is refused after its payload is drained.
-        try raw.sendRequest(Request(command: .write, cookie: 2, offset: 0, length: Limits.maxPayload + 4096),
-                            payload: [UInt8](repeating: 0xee, count: Int(Limits.maxPayload) + 4096))
-        #expect(try raw.receiveSimpleReply()?.error == .invalid)
         try raw.sendRequest(Request(command: .read, cookie: 3, offset: 0, length: 8))
         #expect(try raw.receiveSimpleReply()?.cookie == 3)
         #expect(try raw.receive(8) == Array(try big.contents.prefix(8)))
+    }
+
+    @Test func oversizedWriteIsRefusedAndTheConnectionClosedWithoutDrainingIt() throws {
+        let raw = try RawClient(port: server.port)
+        _ = try raw.go()
+        // A payload over the limit is never read: the error goes out, then the connection closes.
+        try raw.sendRequest(Request(command: .write, cookie: 2, offset: 0, length: Limits.maxPayload + 4096),
+                            payload: [UInt8](repeating: 0xee, count: 4096))
+        #expect(try raw.receiveSimpleReply()?.error == .invalid)
+        #expect(raw.serverClosed())
+        try expectServerStillServes()
+    }
+
+    @Test func plainNewstyleClientGetsItsExportByName() throws {
+        let raw = try RawClient(port: server.port)
+        try raw.greet(clientFlags: 0)
+        try raw.sendOption(.exportName)
+        let reply = try #require(try raw.receive(8 + 2 + 124))
+        #expect(reply.prefix(8).reduce(UInt64(0)) { $0 << 8 | UInt64($1) } == UInt64(fixture.size))
+        try raw.sendRequest(Request(command: .read, cookie: 7, offset: 0, length: 16))
+        #expect(try raw.receiveSimpleReply()?.cookie == 7)
+        #expect(try raw.receive(16) == Array(try fixture.contents.prefix(16)))
     }
 
     @Test func readOnlyExportAnswersEPERMAndDrainsThePayload() throws {

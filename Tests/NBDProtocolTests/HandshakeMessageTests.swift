@@ -22,6 +22,13 @@ import Testing
         #expect(decoded == OptionHeader(option: option, length: 42))
     }
 
+    @Test func clientFlagsMayBeAnyKnownBitsButNoOthers() throws {
+        #expect(try ClientFlags.decode(3) == [.fixedNewstyle, .noZeroes])
+        #expect(try ClientFlags.decode(1) == [.fixedNewstyle])
+        #expect(try ClientFlags.decode(0) == [], "plain newstyle is allowed")
+        #expect(throws: ProtocolError.unknownClientFlags(1 | 4)) { try ClientFlags.decode(1 | 4) }
+    }
+
     @Test func shortOptionHeaderNeedsMoreBytes() throws {
         var w = WireWriter()
         OptionHeader(option: .go, length: 0).encode(into: &w)

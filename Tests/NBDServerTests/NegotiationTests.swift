@@ -18,11 +18,20 @@ import Testing
         bytes.withUnsafeBytes { n.received(option, payload: $0) }
     }
 
-    @Test func clientFlagsMustBeKnownAndFixedNewstyle() {
-        #expect(Negotiation.validate(clientFlags: 3) == nil)
-        #expect(Negotiation.validate(clientFlags: 1) == nil)
-        #expect(Negotiation.validate(clientFlags: 0) != nil)
-        #expect(Negotiation.validate(clientFlags: 1 | 4) != nil)
+    @Test func plainNewstyleClientsMayOnlyAskForAnExportByName() {
+        var n = Negotiation(export: export, clientFlags: [])
+        let request = payload { InfoRequest(exportName: "disk", requests: []).encode(into: &$0) }
+        guard case .close(let replies, _) = send(&n, .go, request) else {
+            Issue.record("a client without fixed newstyle can't be sent option replies")
+            return
+        }
+        #expect(replies.isEmpty)
+        var plain = Negotiation(export: export, clientFlags: [])
+        guard case .transmitAfterExportName(let bytes, _) = send(&plain, .exportName, Array("disk".utf8)) else {
+            Issue.record("NBD_OPT_EXPORT_NAME must work without fixed newstyle")
+            return
+        }
+        #expect(bytes.count == 8 + 2 + 124, "without NBD_FLAG_C_NO_ZEROES the 124 zero bytes follow")
     }
 
     @Test func goWithTheRightNameEntersTransmission() throws {

@@ -13,8 +13,13 @@ public final class RawClient {
     /// How long one read waits for the server.
     public let timeout: Double
 
-    public init(port: Int, timeout: Double = 10) throws {
-        socket = try Socket.connectTCP(host: "127.0.0.1", port: port)
+    public convenience init(port: Int, timeout: Double = 10) throws {
+        self.init(socket: try Socket.connectTCP(host: "127.0.0.1", port: port), timeout: timeout)
+    }
+
+    /// Drives an already connected socket (one end of a socket pair), which it then owns.
+    public init(socket: Socket, timeout: Double = 10) {
+        self.socket = socket
         self.timeout = timeout
         socket.setReceiveTimeout(seconds: timeout)
     }

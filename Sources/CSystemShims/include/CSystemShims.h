@@ -1,8 +1,9 @@
 // GNU extensions the Glibc Swift overlay doesn't expose (SEEK_DATA/SEEK_HOLE,
-// fallocate modes, accept4). Implemented in shims.c, which is compiled with
+// fallocate modes, accept4, thread names, CPU affinity). Implemented in shims.c, which is compiled with
 // _GNU_SOURCE so this header stays compatible with the Glibc module.
 #include <sys/types.h>
 #include <sys/socket.h>
+#include <pthread.h>
 
 off_t cshim_seek_data(int fd, off_t offset);
 off_t cshim_seek_hole(int fd, off_t offset);
@@ -10,3 +11,5 @@ int cshim_punch_hole(int fd, off_t offset, off_t length);
 int cshim_zero_range(int fd, off_t offset, off_t length);
 int cshim_accept_cloexec(int fd, struct sockaddr *addr, socklen_t *len);
 int cshim_stream_socket(int family);
+int cshim_set_thread_name(pthread_t thread, const char *name);
+int cshim_available_processors(void);

@@ -1,0 +1,69 @@
+import DequeModule
+import NBDProtocol
+import SystemIO
+
+/// A request read off a connection and waiting for a device thread.
+struct DeviceJob: @unchecked Sendable {
+    let connection: Connection
+    let request: Request
+    /// A WRITE's payload, from the buffer pool.
+    let payload: UnsafeMutableRawBufferPointer?
+    /// Budget reserved for the request until its reply is sent or dropped.
+    let cost: Int
+}
+
+/// A fixed set of threads that run device operations for every connection,
+/// in arrival order. They never touch a socket (replies go to each
+/// connection's `ReplyWriter`, which does not block them), so their number
+/// bounds device concurrency and nothing a client does can use them up.
+final class DevicePool: @unchecked Sendable {
+    /// Enough threads to keep storage busy while some wait on it, few enough to stay cheap.
+    static var defaultThreadCount: Int { min(64, max(8, 4 * OSThread.processorCount)) }
+
+    private let lock = Lock()
+    private let wake: Condition
+    private let idle: Condition
+    // Guarded by lock.
+    private var jobs = Deque<DeviceJob>()
+    private var live = 0
+    private var stopping = false
+
+    init(threads: Int = DevicePool.defaultThreadCount) {
+        wake = Condition(lock)
+        idle = Condition(lock)
+        live = threads
+        for i in 0..<threads {
+            OSThread.detach(name: "nbd-device-\(i)", stackSize: 4 << 20) { [self] in work() }
+        }
+    }
+
+    func submit(_ job: DeviceJob) {
+        lock.withLock {
+            jobs.append(job)
+            wake.signal()
+        }
+    }
+
+    /// Ends the threads once the queue is empty and waits for them.
+    func shutdown() {
+        lock.withLock {
+            stopping = true
+            wake.broadcast()
+            while live > 0 { idle.wait() }
+        }
+    }
+
+    private func work() {
+        lock.lock()
+        while true {
+            while jobs.isEmpty && !stopping { wake.wait() }
+            guard let job = jobs.popFirst() else { break }
+            lock.unlock()
+            job.connection.perform(job)
+            lock.lock()
+        }
+        live -= 1
+        idle.broadcast()
+        lock.unlock()
+    }
+}

@@ -1,0 +1,84 @@
+import NBDProtocol
+import SystemIO
+
+/// One whole reply to one request, as the bytes to send: a header of up to
+/// 32 bytes kept inline (so the common replies need no heap), then a body.
+/// Values move from the request handler to the reply writer; `cost` is the
+/// budget the reader reserved for the request, released once the reply is
+/// sent or dropped.
+struct Reply: @unchecked Sendable {
+    enum Body {
+        case none
+        /// Read data in a buffer from the pool, given back after sending.
+        case pooled(UnsafeMutableRawBufferPointer)
+        /// Encoded chunks (block status, error messages).
+        case bytes([UInt8])
+    }
+
+    private var header: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
+    private(set) var headerLength = 0
+    private(set) var body: Body = .none
+    var cost = 0
+
+    /// A reply whose header `write` encodes (returning its length), followed by `body`.
+    init(body: Body = .none, header write: (UnsafeMutableRawBufferPointer) -> Int) {
+        self.body = body
+        headerLength = withUnsafeMutableBytes(of: &header) { write($0) }
+        precondition(headerLength <= MemoryLayout.size(ofValue: header))
+    }
+
+    var length: Int {
+        switch body {
+        case .none: headerLength
+        case .pooled(let data): headerLength + data.count
+        case .bytes(let bytes): headerLength + bytes.count
+        }
+    }
+
+    /// Sends what is left after `sent` bytes; returns the new count (see `Socket.send`).
+    mutating func send(on socket: Socket, alreadySent sent: Int, blocking: Bool) throws(Errno) -> Int {
+        let count = headerLength
+        let body = self.body
+        return try withUnsafeBytes(of: &header) { (raw) throws(Errno) -> Int in
+            let head = UnsafeRawBufferPointer(rebasing: raw[..<count])
+            switch body {
+            case .none:
+                return try socket.send(head, UnsafeRawBufferPointer(start: nil, count: 0), alreadySent: sent,
+                                       blocking: blocking)
+            case .pooled(let data):
+                return try socket.send(head, UnsafeRawBufferPointer(data), alreadySent: sent, blocking: blocking)
+            case .bytes(let bytes):
+                let result = bytes.withUnsafeBytes { b in
+                    Result { () throws(Errno) in try socket.send(head, b, alreadySent: sent, blocking: blocking) }
+                }
+                return try result.get()
+            }
+        }
+    }
+
+    // MARK: - The replies there are
+
+    static func simple(cookie: UInt64, error: NBDError) -> Reply {
+        Reply { ReplyHeader.writeSimple($0, error: error, cookie: cookie) }
+    }
+
+    /// Read data, as a simple reply or one OFFSET_DATA chunk.
+    static func data(cookie: UInt64, offset: UInt64, _ data: UnsafeMutableRawBufferPointer, structured: Bool) -> Reply {
+        Reply(body: .pooled(data)) { header in
+            structured
+                ? ReplyHeader.writeOffsetData(header, flags: .done, cookie: cookie, offset: offset,
+                                              dataLength: UInt32(data.count))
+                : ReplyHeader.writeSimple(header, error: .ok, cookie: cookie)
+        }
+    }
+
+    /// One OFFSET_HOLE chunk: the range reads as zeros, which are not sent.
+    static func hole(cookie: UInt64, offset: UInt64, length: UInt32) -> Reply {
+        Reply { ReplyHeader.writeOffsetHole($0, flags: .done, cookie: cookie, offset: offset, holeLength: length) }
+    }
+
+    /// Encoded structured chunks, sent as they are.
+    static func chunks(_ bytes: [UInt8]) -> Reply {
+        Reply(body: .bytes(bytes)) { _ in 0 }
+    }
+}
