@@ -42,6 +42,7 @@ final class Connection: @unchecked Sendable {
     private let export: Export
     private let buffers: BufferPool
     private let devices: DevicePool
+    private let deviceQueue = DeviceQueue()
     private let limits: ConnectionLimits
     private let handshakeTimeout: Double?
     private var logger: Logger
@@ -205,7 +206,7 @@ final class Connection: @unchecked Sendable {
 
     /// Runs a request on a device thread; called for requests that passed validation.
     func submit(_ request: Request, payload: UnsafeMutableRawBufferPointer?, cost: Int) {
-        devices.submit(DeviceJob(connection: self, request: request, payload: payload, cost: cost))
+        devices.submit(DeviceJob(connection: self, request: request, payload: payload, cost: cost), to: deviceQueue)
     }
 
     /// Answers a request that failed validation, without touching the device.

@@ -12,10 +12,19 @@ struct DeviceJob: @unchecked Sendable {
     let cost: Int
 }
 
-/// A fixed set of threads that run device operations for every connection,
-/// in arrival order. They never touch a socket (replies go to each
-/// connection's `ReplyWriter`, which does not block them), so their number
-/// bounds device concurrency and nothing a client does can use them up.
+/// One connection's requests waiting for a device thread. Owned by the
+/// connection, guarded by the pool's lock.
+final class DeviceQueue: @unchecked Sendable {
+    fileprivate var jobs = Deque<DeviceJob>()
+    fileprivate var scheduled = false
+}
+
+/// A fixed set of threads that run device operations for every connection.
+/// They never touch a socket (replies go to each connection's `ReplyWriter`,
+/// which does not block them), so their number bounds device concurrency and
+/// nothing a client does can use them up. Connections take turns, one
+/// request each, so a client with a deep queue of slow requests delays
+/// another client by at most one request per thread.
 final class DevicePool: @unchecked Sendable {
     /// Enough threads to keep storage busy while some wait on it, few enough to stay cheap.
     static var defaultThreadCount: Int { min(64, max(8, 4 * OSThread.processorCount)) }
@@ -24,7 +33,8 @@ final class DevicePool: @unchecked Sendable {
     private let wake: Condition
     private let idle: Condition
     // Guarded by lock.
-    private var jobs = Deque<DeviceJob>()
+    /// Connections with jobs waiting, in turn order.
+    private var turns = Deque<DeviceQueue>()
     private var live = 0
     private var stopping = false
 
@@ -37,14 +47,18 @@ final class DevicePool: @unchecked Sendable {
         }
     }
 
-    func submit(_ job: DeviceJob) {
+    func submit(_ job: DeviceJob, to queue: DeviceQueue) {
         lock.withLock {
-            jobs.append(job)
+            queue.jobs.append(job)
+            if !queue.scheduled {
+                queue.scheduled = true
+                turns.append(queue)
+            }
             wake.signal()
         }
     }
 
-    /// Ends the threads once the queue is empty and waits for them.
+    /// Ends the threads once every queue is empty and waits for them.
     func shutdown() {
         lock.withLock {
             stopping = true
@@ -56,8 +70,14 @@ final class DevicePool: @unchecked Sendable {
     private func work() {
         lock.lock()
         while true {
-            while jobs.isEmpty && !stopping { wake.wait() }
-            guard let job = jobs.popFirst() else { break }
+            while turns.isEmpty && !stopping { wake.wait() }
+            guard let queue = turns.popFirst() else { break }
+            let job = queue.jobs.removeFirst()
+            if queue.jobs.isEmpty {
+                queue.scheduled = false
+            } else {
+                turns.append(queue)
+            }
             lock.unlock()
             job.connection.perform(job)
             lock.lock()

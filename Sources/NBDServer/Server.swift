@@ -13,7 +13,7 @@ import SystemIO
 //   that blocks reading its socket. At its byte budget it waits on the
 //   connection's condition instead of reading (backpressure).
 // - Device operations run on `DevicePool`: a fixed set of threads sized from
-//   the machine, shared by all connections, that never touch a socket.
+//   the machine, shared by all connections in turn, that never touch a socket.
 // - Replies go through each connection's `ReplyWriter`: a device thread sends
 //   a reply itself only when the socket takes it whole without blocking;
 //   anything left waits for the connection's own writer thread. So a client
