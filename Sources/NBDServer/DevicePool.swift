@@ -16,15 +16,19 @@ struct DeviceJob: @unchecked Sendable {
 /// connection, guarded by the pool's lock.
 final class DeviceQueue: @unchecked Sendable {
     fileprivate var jobs = Deque<DeviceJob>()
+    /// In the pool's turn order.
     fileprivate var scheduled = false
+    /// Jobs of this queue on device threads now.
+    fileprivate var running = 0
 }
 
 /// A fixed set of threads that run device operations for every connection.
 /// They never touch a socket (replies go to each connection's `ReplyWriter`,
 /// which does not block them), so their number bounds device concurrency and
 /// nothing a client does can use them up. Connections take turns, one
-/// request each, so a client with a deep queue of slow requests delays
-/// another client by at most one request per thread.
+/// request each, and none may occupy more than half of the threads, so a
+/// client with a deep queue of slow requests (block status over a badly
+/// fragmented file) always leaves threads free for the others.
 final class DevicePool: @unchecked Sendable {
     /// Enough threads to keep storage busy while some wait on it, few enough to stay cheap.
     static var defaultThreadCount: Int { min(64, max(8, 4 * OSThread.processorCount)) }
@@ -37,11 +41,13 @@ final class DevicePool: @unchecked Sendable {
     private var turns = Deque<DeviceQueue>()
     private var live = 0
     private var stopping = false
+    private let perQueueLimit: Int
 
     init(threads: Int = DevicePool.defaultThreadCount) {
         wake = Condition(lock)
         idle = Condition(lock)
         live = threads
+        perQueueLimit = max(1, threads / 2)
         for i in 0..<threads {
             OSThread.detach(name: "nbd-device-\(i)", stackSize: 4 << 20) { [self] in work() }
         }
@@ -50,11 +56,7 @@ final class DevicePool: @unchecked Sendable {
     func submit(_ job: DeviceJob, to queue: DeviceQueue) {
         lock.withLock {
             queue.jobs.append(job)
-            if !queue.scheduled {
-                queue.scheduled = true
-                turns.append(queue)
-            }
-            wake.signal()
+            scheduleIfReady(queue)
         }
     }
 
@@ -67,20 +69,28 @@ final class DevicePool: @unchecked Sendable {
         }
     }
 
+    /// Puts `queue` at the back of the turn order if it has work it may start. Lock held.
+    private func scheduleIfReady(_ queue: DeviceQueue) {
+        guard !queue.scheduled, !queue.jobs.isEmpty, queue.running < perQueueLimit else { return }
+        queue.scheduled = true
+        turns.append(queue)
+        wake.signal()
+    }
+
     private func work() {
         lock.lock()
         while true {
             while turns.isEmpty && !stopping { wake.wait() }
             guard let queue = turns.popFirst() else { break }
             let job = queue.jobs.removeFirst()
-            if queue.jobs.isEmpty {
-                queue.scheduled = false
-            } else {
-                turns.append(queue)
-            }
+            queue.scheduled = false
+            queue.running += 1
+            scheduleIfReady(queue)
             lock.unlock()
             job.connection.perform(job)
             lock.lock()
+            queue.running -= 1
+            scheduleIfReady(queue)
         }
         live -= 1
         idle.broadcast()

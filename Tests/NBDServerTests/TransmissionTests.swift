@@ -128,15 +128,33 @@ import Testing
 
     @Test func requestsNotStartedAreDroppedWhenTheClientLeaves() throws {
         let device = GatedDevice(size: 1 << 20)
-        let harness = Harness(device) { $0.deviceThreads = 2 }
+        // Four threads, of which one connection may occupy two.
+        let harness = Harness(device) { $0.deviceThreads = 4 }
         defer { harness.stop() }
         var client: RawClient? = try harness.client()
         try client!.send(Self.reads(50, length: 1 << 20))
-        #expect(harness.eventually("both device threads are busy") { device.readsStarted.load(ordering: .relaxed) == 2 })
+        #expect(harness.eventually("two device threads are busy") { device.readsStarted.load(ordering: .relaxed) == 2 })
         client = nil  // closes: the server reads the 48 other requests, then end of file
         device.open()
         #expect(harness.eventually("the connection ends") { harness.server.connectionCount == 0 })
         #expect(device.readsStarted.load(ordering: .relaxed) == 2, "only the two reads under way ran")
+    }
+
+    @Test func oneConnectionNeverOccupiesEveryDeviceThread() throws {
+        let device = GatedDevice(size: 1 << 20)
+        let harness = Harness(device) { $0.deviceThreads = 4 }
+        defer {
+            device.open()
+            harness.stop()
+        }
+        let greedy = try harness.client()
+        try greedy.send(Self.reads(20, length: 4096))
+        #expect(harness.eventually("the greedy client's reads start") { device.readsStarted.load(ordering: .relaxed) == 2 })
+        let other = try harness.client()
+        try other.send(Self.reads(1, length: 4096))
+        // Its read starts on a thread the greedy client may not take, though the greedy one has 18 waiting.
+        #expect(harness.eventually("the other client's read starts") { device.readsStarted.load(ordering: .relaxed) == 3 })
+        withExtendedLifetime(greedy) {}
     }
 
     @Test func blockStatusStopsAtOneMiBOfDescriptors() throws {
