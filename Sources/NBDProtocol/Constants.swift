@@ -9,6 +9,8 @@ public enum Magic {
     public static let request: UInt32 = 0x2560_9513
     public static let simpleReply: UInt32 = 0x6744_6698
     public static let structuredReply: UInt32 = 0x668e_33ef
+    public static let extendedRequest: UInt32 = 0x21e4_1c71
+    public static let extendedReply: UInt32 = 0x6e8a_278c
 }
 
 /// Flags the server sends in the handshake.
@@ -53,6 +55,8 @@ public struct TransmissionFlags: OptionSet, Sendable, Hashable {
     public static let sendResize = TransmissionFlags(rawValue: 1 << 9)
     public static let sendCache = TransmissionFlags(rawValue: 1 << 10)
     public static let sendFastZero = TransmissionFlags(rawValue: 1 << 11)
+    /// BLOCK_STATUS may carry a payload naming the contexts wanted (extended headers only).
+    public static let blockStatusPayload = TransmissionFlags(rawValue: 1 << 12)
 }
 
 /// Option codes. Unknown codes are kept so the server can answer ERR_UNSUP.
@@ -106,6 +110,7 @@ public struct OptionReplyType: RawRepresentable, Hashable, Sendable {
     public static let errShutdown = OptionReplyType(rawValue: 1 << 31 | 7)
     public static let errBlockSizeRequired = OptionReplyType(rawValue: 1 << 31 | 8)
     public static let errTooBig = OptionReplyType(rawValue: 1 << 31 | 9)
+    public static let errExtendedHeadersRequired = OptionReplyType(rawValue: 1 << 31 | 10)
     public var isError: Bool { rawValue & (1 << 31) != 0 }
 }
 
@@ -204,6 +209,7 @@ public struct ChunkType: RawRepresentable, Hashable, Sendable {
     public static let offsetData = ChunkType(rawValue: 1)
     public static let offsetHole = ChunkType(rawValue: 2)
     public static let blockStatus = ChunkType(rawValue: 5)
+    public static let blockStatusExt = ChunkType(rawValue: 6)
     public static let error = ChunkType(rawValue: 1 << 15 | 1)
     public static let errorOffset = ChunkType(rawValue: 1 << 15 | 2)
 }

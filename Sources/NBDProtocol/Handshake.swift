@@ -9,6 +9,8 @@ public enum ProtocolError: Error, Equatable, Sendable, CustomStringConvertible {
     case malformedOption(OptionCode, String)
     /// The client set flag bits this server doesn't know.
     case unknownClientFlags(UInt32)
+    /// A request payload whose layout is wrong for its command.
+    case malformedPayload(String)
 
     public var description: String {
         switch self {
@@ -16,6 +18,7 @@ public enum ProtocolError: Error, Equatable, Sendable, CustomStringConvertible {
         case .optionTooLong(let n): "option length \(n) exceeds \(Limits.maxOptionLength)"
         case .malformedOption(let o, let why): "malformed \(o): \(why)"
         case .unknownClientFlags(let f): "unknown client flags 0x\(String(f, radix: 16))"
+        case .malformedPayload(let why): why
         }
     }
 }

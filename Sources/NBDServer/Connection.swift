@@ -205,8 +205,9 @@ final class Connection: @unchecked Sendable {
     // MARK: - Requests
 
     /// Runs a request on a device thread; called for requests that passed validation.
-    func submit(_ request: Request, payload: UnsafeMutableRawBufferPointer?, cost: Int) {
-        devices.submit(DeviceJob(connection: self, request: request, payload: payload, cost: cost), to: deviceQueue)
+    func submit(_ request: Request, payload: UnsafeMutableRawBufferPointer?, contexts: ContextSelection, cost: Int) {
+        devices.submit(DeviceJob(connection: self, request: request, payload: payload, contexts: contexts, cost: cost),
+                       to: deviceQueue)
     }
 
     /// Answers a request that failed validation, without touching the device.
@@ -226,7 +227,7 @@ final class Connection: @unchecked Sendable {
             release(job.cost)
             return
         }
-        var reply = handler.handle(job.request, payload: job.payload)
+        var reply = handler.handle(job.request, payload: job.payload, contexts: job.contexts)
         if let payload = job.payload { buffers.give(payload) }
         reply.cost = job.cost
         // A client gone while this ran gets no reply (the writer drops it).
@@ -237,6 +238,9 @@ final class Connection: @unchecked Sendable {
 extension Connection {
     /// A buffer for a WRITE's payload.
     func takeBuffer(_ count: Int) -> UnsafeMutableRawBufferPointer? { buffers.take(count) }
+
+    /// Gives back a payload buffer that was read and used up by the reader.
+    func giveBack(_ payload: UnsafeMutableRawBufferPointer) { buffers.give(payload) }
 
     /// Gives back a payload that was never submitted, with its reservation.
     func dropPayload(_ payload: UnsafeMutableRawBufferPointer, cost: Int) {

@@ -8,6 +8,8 @@ struct DeviceJob: @unchecked Sendable {
     let request: Request
     /// A WRITE's payload, from the buffer pool.
     let payload: UnsafeMutableRawBufferPointer?
+    /// The metadata contexts a BLOCK_STATUS answers.
+    let contexts: ContextSelection
     /// Budget reserved for the request until its reply is sent or dropped.
     let cost: Int
 }

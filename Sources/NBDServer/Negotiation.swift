@@ -3,7 +3,10 @@ import NBDProtocol
 
 /// What the client and server agreed on during negotiation.
 public struct Session: Sendable, Equatable {
+    /// Replies may be chunks (NBD_OPT_STRUCTURED_REPLY, or implied by extended headers).
     public var structuredReplies = false
+    /// 32-byte requests and replies with 64-bit lengths (NBD_OPT_EXTENDED_HEADERS).
+    public var extendedHeaders = false
     /// Contexts selected by the last NBD_OPT_SET_META_CONTEXT for the export.
     public var metaContexts: [MetaContext] = []
     public var flags: TransmissionFlags = []
@@ -52,6 +55,7 @@ public struct Negotiation {
         case .list: return list(payload)
         case .info, .go: return infoOrGo(option, payload)
         case .structuredReply: return structuredReply(payload)
+        case .extendedHeaders: return extendedHeaders(payload)
         case .listMetaContext, .setMetaContext: return metaContext(option, payload)
         default:
             return .reply([.error(option, .errUnsupported, "\(option) is not supported")])
@@ -61,6 +65,10 @@ public struct Negotiation {
     // MARK: - One method per option
 
     private mutating func exportName(_ payload: UnsafeRawBufferPointer) -> Action {
+        guard !session.extendedHeaders else {
+            // The spec forbids it after extended headers, and this option can't carry an error.
+            return .close([], reason: "NBD_OPT_EXPORT_NAME after extended headers")
+        }
         // No error reply is possible here: a wrong name can only be a hard disconnect.
         guard let name = String(validating: payload, as: UTF8.self), export.answers(to: name) else {
             return .close([], reason: "client asked for an unknown export")
@@ -79,8 +87,33 @@ public struct Negotiation {
         guard payload.isEmpty else {
             return .reply([.error(.structuredReply, .errInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data")])
         }
+        guard !session.extendedHeaders else {
+            return .reply([.error(.structuredReply, .errExtendedHeadersRequired,
+                                  "extended headers were negotiated and take precedence")])
+        }
         session.structuredReplies = true
         return .reply([.ack(.structuredReply)])
+    }
+
+    private mutating func extendedHeaders(_ payload: UnsafeRawBufferPointer) -> Action {
+        guard payload.isEmpty else {
+            return .reply([.error(.extendedHeaders, .errInvalid, "NBD_OPT_EXTENDED_HEADERS takes no data")])
+        }
+        guard !session.extendedHeaders else {
+            return .reply([.error(.extendedHeaders, .errInvalid, "extended headers were already negotiated")])
+        }
+        session.extendedHeaders = true
+        session.structuredReplies = true
+        return .reply([.ack(.extendedHeaders)])
+    }
+
+    /// The export's flags as this session would see them.
+    private func transmissionFlags(metaContexts: [MetaContext]) -> TransmissionFlags {
+        var flags = TransmissionFlags(capabilities: export.device.capabilities, readOnly: export.readOnly,
+                                      multiConn: export.allowMultiConn, structuredReplies: session.structuredReplies)
+        // The payload form of BLOCK_STATUS exists only with extended headers and contexts to choose from.
+        if session.extendedHeaders && !metaContexts.isEmpty { flags.insert(.blockStatusPayload) }
+        return flags
     }
 
     private mutating func infoOrGo(_ option: OptionCode, _ payload: UnsafeRawBufferPointer) -> Action {
@@ -93,8 +126,8 @@ public struct Negotiation {
         guard export.answers(to: request.exportName) else {
             return .reply([.error(option, .errUnknown, "export '\(request.exportName)' not available")])
         }
-        let flags = TransmissionFlags(capabilities: export.device.capabilities, readOnly: export.readOnly,
-                                      multiConn: export.allowMultiConn, structuredReplies: session.structuredReplies)
+        let contexts = metaContextsFor == request.exportName ? session.metaContexts : []
+        let flags = transmissionFlags(metaContexts: contexts)
         var replies: [OptionReply] = [.infoExport(option, size: export.device.size, flags: flags)]
         // NBD_INFO_EXPORT is always sent; the others only when asked for.
         for info in Set(request.requests.map(\.rawValue)).sorted() {
@@ -115,10 +148,9 @@ public struct Negotiation {
     }
 
     private mutating func finishSession(exportName: String) {
-        session.flags = TransmissionFlags(capabilities: export.device.capabilities, readOnly: export.readOnly,
-                                          multiConn: export.allowMultiConn, structuredReplies: session.structuredReplies)
         // Contexts chosen for another export name don't carry over (spec: NBD_OPT_SET_META_CONTEXT).
         if metaContextsFor != exportName || !session.structuredReplies { session.metaContexts = [] }
+        session.flags = transmissionFlags(metaContexts: session.metaContexts)
     }
 
     private mutating func metaContext(_ option: OptionCode, _ payload: UnsafeRawBufferPointer) -> Action {

@@ -2,7 +2,8 @@ import NBDProtocol
 import SystemIO
 
 /// One whole reply to one request, as the bytes to send: a header of up to
-/// 32 bytes kept inline (so the common replies need no heap), then a body.
+/// `ReplyHeader.maxSize` bytes kept inline (so the common replies need no
+/// heap), then a body.
 /// Values move from the request handler to the reply writer; `cost` is the
 /// budget the reader reserved for the request, released once the reply is
 /// sent or dropped.
@@ -15,7 +16,7 @@ struct Reply: @unchecked Sendable {
         case bytes([UInt8])
     }
 
-    private var header: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
+    private var header: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0)
     private(set) var headerLength = 0
     private(set) var body: Body = .none
     var cost = 0
@@ -58,26 +59,35 @@ struct Reply: @unchecked Sendable {
 
     // MARK: - The replies there are
 
-    static func simple(cookie: UInt64, error: NBDError) -> Reply {
-        Reply { ReplyHeader.writeSimple($0, error: error, cookie: cookie) }
+    /// Success or an error without a message: a simple reply, or with
+    /// extended headers (where simple replies are not allowed) a chunk.
+    static func status(cookie: UInt64, error: NBDError, framing: ChunkFraming?) -> Reply {
+        guard let framing, case .extended = framing else {
+            return Reply { ReplyHeader.writeSimple($0, error: error, cookie: cookie) }
+        }
+        if error == .ok { return Reply { ReplyHeader.writeDone($0, framing: framing, cookie: cookie) } }
+        return .chunks(encodeErrorChunk(framing: framing, cookie: cookie, error: error, message: ""))
     }
 
     /// Read data, as a simple reply or one OFFSET_DATA chunk.
-    static func data(cookie: UInt64, offset: UInt64, _ data: UnsafeMutableRawBufferPointer, structured: Bool) -> Reply {
+    static func data(cookie: UInt64, offset: UInt64, _ data: UnsafeMutableRawBufferPointer,
+                     framing: ChunkFraming?) -> Reply {
         Reply(body: .pooled(data)) { header in
-            structured
-                ? ReplyHeader.writeOffsetData(header, flags: .done, cookie: cookie, offset: offset,
-                                              dataLength: UInt32(data.count))
-                : ReplyHeader.writeSimple(header, error: .ok, cookie: cookie)
+            guard let framing else { return ReplyHeader.writeSimple(header, error: .ok, cookie: cookie) }
+            return ReplyHeader.writeOffsetData(header, framing: framing, flags: .done, cookie: cookie, offset: offset,
+                                               dataLength: UInt32(data.count))
         }
     }
 
     /// One OFFSET_HOLE chunk: the range reads as zeros, which are not sent.
-    static func hole(cookie: UInt64, offset: UInt64, length: UInt32) -> Reply {
-        Reply { ReplyHeader.writeOffsetHole($0, flags: .done, cookie: cookie, offset: offset, holeLength: length) }
+    static func hole(cookie: UInt64, offset: UInt64, length: UInt32, framing: ChunkFraming) -> Reply {
+        Reply {
+            ReplyHeader.writeOffsetHole($0, framing: framing, flags: .done, cookie: cookie, offset: offset,
+                                        holeLength: length)
+        }
     }
 
-    /// Encoded structured chunks, sent as they are.
+    /// Encoded chunks, sent as they are.
     static func chunks(_ bytes: [UInt8]) -> Reply {
         Reply(body: .bytes(bytes)) { _ in 0 }
     }

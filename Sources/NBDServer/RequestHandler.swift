@@ -12,8 +12,8 @@ final class TransferCounters: Sendable {
 /// Turns one validated request into its reply by calling the device: no
 /// sockets, so it is tested with an in-memory device alone.
 struct RequestHandler: @unchecked Sendable {
-    /// Most descriptors in one block status chunk: 1 MiB of them, as qemu-nbd caps it.
-    static let maxDescriptors = (1 << 20) / 8
+    /// Most bytes of descriptors in one block status chunk: 1 MiB, as qemu-nbd caps it.
+    static let maxDescriptorBytes = 1 << 20
     /// Extents are asked of the device a window at a time, so a capped reply
     /// costs about what it holds, not what the whole range would.
     static let extentWindow: UInt64 = 128 << 20
@@ -24,7 +24,14 @@ struct RequestHandler: @unchecked Sendable {
     let counters: TransferCounters
     let logger: Logger
 
-    func handle(_ request: Request, payload: UnsafeMutableRawBufferPointer?) -> Reply {
+    /// How replies to `request` are framed; nil for simple replies.
+    func framing(for request: Request) -> ChunkFraming? {
+        if session.extendedHeaders { return .extended(requestOffset: request.offset) }
+        return session.structuredReplies ? .structured : nil
+    }
+
+    func handle(_ request: Request, payload: UnsafeMutableRawBufferPointer?,
+                contexts: ContextSelection = .all) -> Reply {
         logger.trace("Request", metadata: [
             "nbd.cmd": "\(request.command)", "nbd.offset": "\(request.offset)", "nbd.length": "\(request.length)",
         ])
@@ -35,23 +42,23 @@ struct RequestHandler: @unchecked Sendable {
                 return try read(request)
             case .write:
                 try device.write(UnsafeRawBufferPointer(payload!), at: request.offset, fua: fua)
-                counters.written.add(UInt64(request.length), ordering: .relaxed)
+                counters.written.add(request.length, ordering: .relaxed)
             case .flush:
                 try device.flush()
             case .trim:
-                try device.trim(at: request.offset, length: UInt64(request.length), fua: fua)
+                try device.trim(at: request.offset, length: request.length, fua: fua)
             case .writeZeroes:
-                try device.writeZeroes(at: request.offset, length: UInt64(request.length),
+                try device.writeZeroes(at: request.offset, length: request.length,
                                        mayDeallocate: !request.flags.contains(.noHole),
                                        fast: request.flags.contains(.fastZero), fua: fua)
             case .cache:
-                try device.cache(at: request.offset, length: UInt64(request.length))
+                try device.cache(at: request.offset, length: request.length)
             case .blockStatus:
-                return try blockStatus(request)
+                return try blockStatus(request, contexts: contexts)
             default:
                 preconditionFailure("validated request with command \(request.command)")
             }
-            return .simple(cookie: request.cookie, error: .ok)
+            return .status(cookie: request.cookie, error: .ok, framing: framing(for: request))
         } catch {
             logger.debug("Request failed", metadata: ["nbd.cmd": "\(request.command)", "nbd.reason": "\(error)"])
             return errorReply(request, nbdError(for: error), error.reason)
@@ -60,10 +67,11 @@ struct RequestHandler: @unchecked Sendable {
 
     /// Reads and block status errors carry a message when structured replies are on.
     func errorReply(_ request: Request, _ error: NBDError, _ message: String) -> Reply {
-        guard session.structuredReplies && (request.command == .read || request.command == .blockStatus) else {
-            return .simple(cookie: request.cookie, error: error)
-        }
-        return .chunks(encodeErrorChunk(cookie: request.cookie, error: error, message: message))
+        // Reads must not get simple replies once chunks are agreed; for the rest a chunk is a courtesy.
+        guard let framing = framing(for: request),
+              session.extendedHeaders || request.command == .read || request.command == .blockStatus
+        else { return .status(cookie: request.cookie, error: error, framing: nil) }
+        return .chunks(encodeErrorChunk(framing: framing, cookie: request.cookie, error: error, message: message))
     }
 
     private func read(_ request: Request) throws(DeviceError) -> Reply {
@@ -76,32 +84,39 @@ struct RequestHandler: @unchecked Sendable {
             buffers.give(data)
             throw error
         }
-        counters.read.add(UInt64(request.length), ordering: .relaxed)
-        if session.structuredReplies && isAllZero(UnsafeRawBufferPointer(data)) {
+        counters.read.add(request.length, ordering: .relaxed)
+        let framing = framing(for: request)
+        if let framing, isAllZero(UnsafeRawBufferPointer(data)) {
             // A hole chunk tells the client it reads as zeros, without sending them.
             buffers.give(data)
-            return .hole(cookie: request.cookie, offset: request.offset, length: request.length)
+            return .hole(cookie: request.cookie, offset: request.offset, length: UInt32(request.length),
+                         framing: framing)
         }
-        return .data(cookie: request.cookie, offset: request.offset, data, structured: session.structuredReplies)
+        return .data(cookie: request.cookie, offset: request.offset, data, framing: framing)
     }
 
-    private func blockStatus(_ request: Request) throws(DeviceError) -> Reply {
-        let one = request.flags.contains(.requestOne)
+    private func blockStatus(_ request: Request, contexts: ContextSelection) throws(DeviceError) -> Reply {
+        let framing = framing(for: request) ?? .structured
+        let extended = session.extendedHeaders
+        let limit = request.flags.contains(.requestOne)
+            ? 1 : Self.maxDescriptorBytes / BlockStatusDescriptor.size(extended: extended)
+        let chosen = session.metaContexts.indices.filter { contexts.contains($0) }
         var chunks: [UInt8] = []
-        for (index, context) in session.metaContexts.enumerated() {
-            let descriptors = try self.descriptors(of: context, at: request.offset, length: UInt64(request.length),
-                                                   limit: one ? 1 : Self.maxDescriptors)
+        for (n, index) in chosen.enumerated() {
+            let context = session.metaContexts[index]
+            let descriptors = try self.descriptors(of: context, at: request.offset, length: request.length,
+                                                   limit: limit, longest: extended ? .max : UInt64(UInt32.max))
             guard !descriptors.isEmpty else { throw DeviceError(.io, "device reported no extents") }
-            chunks += encodeBlockStatusChunk(cookie: request.cookie, final: index == session.metaContexts.count - 1,
+            chunks += encodeBlockStatusChunk(framing: framing, cookie: request.cookie, final: n == chosen.count - 1,
                                              contextID: context.rawValue, descriptors: descriptors)
         }
         return .chunks(chunks)
     }
 
-    /// At most `limit` descriptors from `offset`, never past `length` (spec: BLOCK_STATUS),
-    /// asking the device one window at a time and stopping at the limit.
-    func descriptors(of context: MetaContext, at offset: UInt64, length: UInt64,
-                     limit: Int) throws(DeviceError) -> [BlockStatusDescriptor] {
+    /// At most `limit` descriptors of at most `longest` bytes each from `offset`, never past
+    /// `length` (spec: BLOCK_STATUS), asking the device one window at a time and stopping at the limit.
+    func descriptors(of context: MetaContext, at offset: UInt64, length: UInt64, limit: Int,
+                     longest: UInt64 = UInt64(UInt32.max)) throws(DeviceError) -> [BlockStatusDescriptor] {
         var result: [BlockStatusDescriptor] = []
         var at = offset
         let end = offset + length
@@ -109,15 +124,19 @@ struct RequestHandler: @unchecked Sendable {
             let window = min(end - at, Self.extentWindow)
             var covered: UInt64 = 0
             for (runLength, flags) in try runs(of: context, at: at, length: window) {
-                let n = min(runLength, window - covered)
+                var n = min(runLength, window - covered)
                 guard n > 0 else { break }
                 covered += n
-                if let last = result.last, last.flags == flags, UInt64(last.length) + n <= UInt64(UInt32.max) {
-                    result[result.count - 1].length += UInt32(n)
-                } else if result.count < limit {
-                    result.append(BlockStatusDescriptor(length: UInt32(n), flags: flags))
-                } else {
-                    return result
+                if let last = result.last, last.flags == flags, last.length < longest {
+                    let merged = min(n, longest - last.length)
+                    result[result.count - 1].length += merged
+                    n -= merged
+                }
+                while n > 0 {
+                    guard result.count < limit else { return result }
+                    let piece = min(n, longest)
+                    result.append(BlockStatusDescriptor(length: piece, flags: flags))
+                    n -= piece
                 }
             }
             guard covered > 0 else { break }
@@ -127,17 +146,17 @@ struct RequestHandler: @unchecked Sendable {
     }
 
     private func runs(of context: MetaContext, at offset: UInt64,
-                      length: UInt64) throws(DeviceError) -> [(UInt64, UInt32)] {
+                      length: UInt64) throws(DeviceError) -> [(UInt64, UInt64)] {
         switch context {
         case .baseAllocation:
             return try device.extents(at: offset, length: length).map {
                 var flags: AllocationFlags = []
                 if $0.flags.contains(.hole) { flags.insert(.hole) }
                 if $0.flags.contains(.zero) { flags.insert(.zero) }
-                return ($0.length, flags.rawValue)
+                return ($0.length, UInt64(flags.rawValue))
             }
         case .allocationDepth:
-            return try device.allocationDepth(at: offset, length: length).map { ($0.length, $0.depth) }
+            return try device.allocationDepth(at: offset, length: length).map { ($0.length, UInt64($0.depth)) }
         }
     }
 }

@@ -11,7 +11,13 @@ func validate(_ r: Request, size: UInt64, session: Session) -> (NBDError, String
     case .read:
         allowed = session.structuredReplies ? [.dontFragment] : []
     case .write:
-        allowed = flags.contains(.sendFUA) ? [.fua] : []
+        // With extended headers a WRITE must say its payload length (spec: NBD_CMD_FLAG_PAYLOAD_LEN).
+        if session.extendedHeaders && !r.flags.contains(.payloadLength) {
+            return (.invalid, "write without NBD_CMD_FLAG_PAYLOAD_LEN under extended headers")
+        }
+        var a: CommandFlags = flags.contains(.sendFUA) ? [.fua] : []
+        if session.extendedHeaders { a.insert(.payloadLength) }
+        allowed = a
     case .trim:
         guard flags.contains(.sendTrim) || flags.contains(.readOnly) else { return (.invalid, "trim not supported") }
         allowed = flags.contains(.sendFUA) ? [.fua] : []
@@ -43,12 +49,12 @@ func validate(_ r: Request, size: UInt64, session: Session) -> (NBDError, String
     }
     if r.command.modifiesData && flags.contains(.readOnly) { return (.permission, "export is read-only") }
     guard r.command != .flush, r.command != .disconnect else { return nil }
-    if (r.command == .read || r.command == .write) && r.length > Limits.maxPayload {
+    if (r.command == .read || r.command == .write) && r.length > UInt64(Limits.maxPayload) {
         return (.invalid, "length \(r.length) exceeds the maximum payload \(Limits.maxPayload)")
     }
     guard r.length > 0 else { return (.invalid, "zero length") }
     // Written so that offset + length cannot overflow.
-    guard r.offset <= size, UInt64(r.length) <= size - r.offset else {
+    guard r.offset <= size, r.length <= size - r.offset else {
         let error: NBDError = (r.command == .write || r.command == .writeZeroes) ? .noSpace : .invalid
         return (error, "range \(r.offset)+\(r.length) is beyond the end of the export (\(size))")
     }

@@ -20,7 +20,7 @@ import Testing
     }
 
     /// Pipelined reads of `length` bytes whose replies the sender never reads.
-    static func reads(_ count: Int, length: UInt32) -> [UInt8] {
+    static func reads(_ count: Int, length: UInt64) -> [UInt8] {
         var w = WireWriter()
         for i in 0..<count {
             Request(command: .read, cookie: UInt64(i), offset: 0, length: length).encode(into: &w)
@@ -71,7 +71,7 @@ import Testing
         let server = try ServerProcess(["-t", try Self.image(.raw, in: scratch)])
         var client: RawClient? = try RawClient(port: server.port)
         _ = try client!.go()
-        try client!.send(Self.reads(5000, length: Limits.maxPayload))
+        try client!.send(Self.reads(5000, length: UInt64(Limits.maxPayload)))
         client = nil
         // Within a second of the client leaving, the server has stopped working for it.
         Thread.sleep(forTimeInterval: 1)

@@ -82,7 +82,7 @@ import Testing
     @Test func badRequestMagicClosesTheConnection() throws {
         let raw = try RawClient(port: server.port)
         _ = try raw.go()
-        try raw.send([UInt8](repeating: 0x77, count: Request.wireSize))
+        try raw.send([UInt8](repeating: 0x77, count: Request.wireSize(extended: false)))
         #expect(raw.serverClosed())
         try expectServerStillServes()
     }
@@ -113,7 +113,7 @@ import Testing
         let bigServer = try ServerProcess(["-t", big.image])
         let raw = try RawClient(port: bigServer.port)
         _ = try raw.go()
-        try raw.sendRequest(Request(command: .read, cookie: 1, offset: 0, length: Limits.maxPayload + 1))
+        try raw.sendRequest(Request(command: .read, cookie: 1, offset: 0, length: UInt64(Limits.maxPayload) + 1))
         #expect(try raw.receiveSimpleReply()?.error == .invalid)
         try raw.sendRequest(Request(command: .read, cookie: 3, offset: 0, length: 8))
         #expect(try raw.receiveSimpleReply()?.cookie == 3)
@@ -124,7 +124,7 @@ import Testing
         let raw = try RawClient(port: server.port)
         _ = try raw.go()
         // A payload over the limit is never read: the error goes out, then the connection closes.
-        try raw.sendRequest(Request(command: .write, cookie: 2, offset: 0, length: Limits.maxPayload + 4096),
+        try raw.sendRequest(Request(command: .write, cookie: 2, offset: 0, length: UInt64(Limits.maxPayload) + 4096),
                             payload: [UInt8](repeating: 0xee, count: 4096))
         #expect(try raw.receiveSimpleReply()?.error == .invalid)
         #expect(raw.serverClosed())
@@ -193,7 +193,7 @@ import Testing
         try raw.sendRequest(Request(command: .read, cookie: 4, offset: UInt64(fixture.size), length: 1))
         let error = try #require(try raw.receiveChunk())
         #expect(error.type == .error && error.payload.prefix(4) == [0, 0, 0, 22])
-        try raw.sendRequest(Request(command: .blockStatus, cookie: 5, offset: 0, length: UInt32(fixture.size)))
+        try raw.sendRequest(Request(command: .blockStatus, cookie: 5, offset: 0, length: UInt64(fixture.size)))
         let status = try #require(try raw.receiveChunk())
         #expect(status.type == .blockStatus && status.flags == 1)
         #expect(status.payload.prefix(4) == [0, 0, 0, 1])
@@ -226,7 +226,7 @@ import Testing
                     let command = Command(rawValue: UInt16(rng.next() % 10))
                     var request = Request(flags: CommandFlags(rawValue: UInt16(rng.next() % 64)), command: command,
                                           cookie: rng.next(), offset: rng.next() % (2 << 20),
-                                          length: UInt32(rng.next() % (64 << 10)))
+                                          length: rng.next() % (64 << 10))
                     if command == .disconnect { request.command = .read }
                     try? raw.sendRequest(request, payload: command == .write
                                          ? [UInt8](repeating: 0, count: Int(request.length)) : [])

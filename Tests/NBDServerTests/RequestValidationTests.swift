@@ -23,7 +23,7 @@ import Testing
         Case(name: "read to the end", request: .init(command: .read, cookie: 1, offset: size - 1, length: 1), session: writable, expected: nil),
         Case(name: "read past the end", request: .init(command: .read, cookie: 1, offset: size - 1, length: 2), session: writable, expected: .invalid),
         Case(name: "read offset overflow", request: .init(command: .read, cookie: 1, offset: .max, length: 2), session: writable, expected: .invalid),
-        Case(name: "read over max payload", request: .init(command: .read, cookie: 1, offset: 0, length: Limits.maxPayload + 1), session: writable, expected: .invalid),
+        Case(name: "read over max payload", request: .init(command: .read, cookie: 1, offset: 0, length: UInt64(Limits.maxPayload) + 1), session: writable, expected: .invalid),
         Case(name: "read zero length", request: .init(command: .read, cookie: 1, offset: 0, length: 0), session: writable, expected: .invalid),
         Case(name: "read with DF", request: .init(flags: .dontFragment, command: .read, cookie: 1, offset: 0, length: 1), session: writable, expected: nil),
         Case(name: "read with DF, simple replies", request: .init(flags: .dontFragment, command: .read, cookie: 1, offset: 0, length: 1), session: readOnly, expected: .invalid),

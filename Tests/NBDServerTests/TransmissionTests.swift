@@ -12,48 +12,7 @@ import Testing
 /// The transmission phase over socket pairs against in-memory devices: the
 /// server's own threads and queues, with no process or TCP in between.
 @Suite struct TransmissionTests {
-    /// An in-process server that takes clients on socket pairs.
-    final class Harness {
-        let server: Server
-        let device: any BlockDevice
-
-        init(_ device: any BlockDevice, _ configure: (inout ServerConfiguration) -> Void = { _ in }) {
-            var configuration = ServerConfiguration(maxConnections: 0, persistent: true)
-            configure(&configuration)
-            self.device = device
-            server = Server(export: Export(name: "", device: device, readOnly: false), configuration: configuration,
-                            logger: Logger(label: "test"))
-            server.start(listeners: [])
-        }
-
-        /// A client in transmission (simple replies unless asked).
-        func client(structured: Bool = false, metaContexts: [String] = [],
-                    clientReceiveBuffer: Int? = nil) throws -> RawClient {
-            let (ours, theirs) = try Socket.pair()
-            if let clientReceiveBuffer { theirs.setSendBufferSize(clientReceiveBuffer) }
-            server.adopt(ours, peer: "pair")
-            let client = RawClient(socket: theirs)
-            _ = try client.go(structuredReplies: structured, metaContexts: metaContexts)
-            return client
-        }
-
-        func stop() {
-            server.stop()
-            server.wait()
-        }
-
-        /// Waits (bounded) until `condition` holds.
-        func eventually(_ what: Comment, within seconds: Double = 10, _ condition: () -> Bool) -> Bool {
-            let deadline = MonotonicClock.now() + UInt64(seconds * 1e9)
-            while !condition() {
-                if MonotonicClock.now() > deadline { return false }
-                usleep(1000)
-            }
-            return true
-        }
-    }
-
-    static func reads(_ count: Int, length: UInt32, firstCookie: UInt64 = 1) -> [UInt8] {
+    static func reads(_ count: Int, length: UInt64, firstCookie: UInt64 = 1) -> [UInt8] {
         var w = WireWriter()
         for i in 0..<count {
             Request(command: .read, cookie: firstCookie + UInt64(i), offset: 0, length: length).encode(into: &w)
@@ -62,7 +21,7 @@ import Testing
     }
 
     @Test func pipelinedWritesThenReadsRoundTrip() throws {
-        let harness = Harness(MemoryDevice(size: 1 << 20))
+        let harness = ServerHarness(MemoryDevice(size: 1 << 20))
         defer { harness.stop() }
         let client = try harness.client()
         let pattern = (0..<65536).map { UInt8(truncatingIfNeeded: $0 &* 7) }
@@ -89,7 +48,7 @@ import Testing
 
     @Test func clientThatStopsReadingIsNotReadPastItsBudget() throws {
         let device = GatedDevice(size: 1 << 20, open: true)
-        let harness = Harness(device) { $0.connectionLimits.maxQueuedBytes = 4 << 20 }
+        let harness = ServerHarness(device) { $0.connectionLimits.maxQueuedBytes = 4 << 20 }
         defer { harness.stop() }
         let client = try harness.client()
         try client.send(Self.reads(64, length: 1 << 20))
@@ -111,7 +70,7 @@ import Testing
     }
 
     @Test func stalledClientDoesNotHoldBackAnother() throws {
-        let harness = Harness(MemoryDevice(size: 1 << 20))
+        let harness = ServerHarness(MemoryDevice(size: 1 << 20))
         defer { harness.stop() }
         let stalled = try harness.client()
         try stalled.send(Self.reads(300, length: 1 << 20))
@@ -129,7 +88,7 @@ import Testing
     @Test func requestsNotStartedAreDroppedWhenTheClientLeaves() throws {
         let device = GatedDevice(size: 1 << 20)
         // Four threads, of which one connection may occupy two.
-        let harness = Harness(device) { $0.deviceThreads = 4 }
+        let harness = ServerHarness(device) { $0.deviceThreads = 4 }
         defer { harness.stop() }
         var client: RawClient? = try harness.client()
         try client!.send(Self.reads(50, length: 1 << 20))
@@ -142,7 +101,7 @@ import Testing
 
     @Test func oneConnectionNeverOccupiesEveryDeviceThread() throws {
         let device = GatedDevice(size: 1 << 20)
-        let harness = Harness(device) { $0.deviceThreads = 4 }
+        let harness = ServerHarness(device) { $0.deviceThreads = 4 }
         defer {
             device.open()
             harness.stop()
@@ -159,21 +118,21 @@ import Testing
 
     @Test func blockStatusStopsAtOneMiBOfDescriptors() throws {
         let device = StripedDevice(size: 4 << 30)
-        let harness = Harness(device)
+        let harness = ServerHarness(device)
         defer { harness.stop() }
         let client = try harness.client(structured: true, metaContexts: ["base:allocation"])
-        try client.sendRequest(Request(command: .blockStatus, cookie: 5, offset: 0, length: UInt32.max))
+        try client.sendRequest(Request(command: .blockStatus, cookie: 5, offset: 0, length: UInt64(UInt32.max)))
         let chunk = try #require(try client.receiveChunk())
         #expect(chunk.type == .blockStatus && chunk.cookie == 5)
-        #expect(chunk.payload.count == 4 + RequestHandler.maxDescriptors * 8)
+        #expect(chunk.payload.count == 4 + RequestHandler.maxDescriptorBytes)
         // Extents were computed about as far as the reply goes, not over the whole 4 GiB.
         let asked = device.extentBytesAsked.load(ordering: .relaxed)
-        #expect(asked <= UInt64(RequestHandler.maxDescriptors) * 4096 + RequestHandler.extentWindow)
+        #expect(asked <= UInt64(RequestHandler.maxDescriptorBytes / 8) * 4096 + RequestHandler.extentWindow)
     }
 
     @Test func stopEndsWithinTheGraceWhileAClientStalls() throws {
         let device = GatedDevice(size: 1 << 20, open: true)
-        let harness = Harness(device) { $0.shutdownGrace = 0.5 }
+        let harness = ServerHarness(device) { $0.shutdownGrace = 0.5 }
         let stalled = try harness.client()
         try stalled.send(Self.reads(300, length: 1 << 20))
         // A reply larger than the socket's buffer is then waiting for the client.

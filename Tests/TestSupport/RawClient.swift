@@ -112,11 +112,18 @@ public final class RawClient {
     }
 
     /// Negotiates into transmission with NBD_OPT_GO; returns the transmission flags.
-    public func go(structuredReplies: Bool = false, metaContexts: [String] = []) throws -> TransmissionFlags {
+    public func go(structuredReplies: Bool = false, extendedHeaders: Bool = false,
+                   metaContexts: [String] = []) throws -> TransmissionFlags {
         try greet()
         if structuredReplies {
             try sendOption(.structuredReply)
             _ = try receiveOptionReplies()
+        }
+        if extendedHeaders {
+            try sendOption(.extendedHeaders)
+            guard try receiveOptionReplies().last?.type == .ack else {
+                throw ToolError(command: "NBD_OPT_EXTENDED_HEADERS", status: -1, stderr: "refused")
+            }
         }
         if !metaContexts.isEmpty {
             var w = WireWriter()
@@ -134,9 +141,9 @@ public final class RawClient {
         return TransmissionFlags(rawValue: UInt16(export.payload[10]) << 8 | UInt16(export.payload[11]))
     }
 
-    public func sendRequest(_ request: Request, payload: [UInt8] = []) throws {
+    public func sendRequest(_ request: Request, payload: [UInt8] = [], extended: Bool = false) throws {
         var w = WireWriter()
-        request.encode(into: &w)
+        request.encode(into: &w, extended: extended)
         w.write(payload)
         try send(w.bytes)
     }
@@ -156,6 +163,20 @@ public final class RawClient {
         public var type: ChunkType
         public var cookie: UInt64
         public var payload: [UInt8]
+        /// The request's offset, repeated by extended reply headers.
+        public var offset: UInt64? = nil
+    }
+
+    /// One extended reply chunk (32-byte header); throws on any other magic.
+    public func receiveExtendedChunk() throws -> Chunk? {
+        guard let head = try receive(32) else { return nil }
+        let be = { (range: Range<Int>) in head[range].reduce(UInt64(0)) { $0 << 8 | UInt64($1) } }
+        guard be(0..<4) == UInt64(Magic.extendedReply) else {
+            throw ToolError(command: "extended chunk", status: -1, stderr: "magic 0x\(String(be(0..<4), radix: 16))")
+        }
+        guard be(24..<32) < 64 << 20, let payload = try receive(Int(be(24..<32))) else { return nil }
+        return Chunk(flags: UInt16(be(4..<6)), type: ChunkType(rawValue: UInt16(be(6..<8))), cookie: be(8..<16),
+                     payload: payload, offset: be(16..<24))
     }
 
     public func receiveChunk() throws -> Chunk? {
