@@ -39,7 +39,7 @@ final class Connection: @unchecked Sendable {
     let id: Int
     let peer: String
     private let socket: Socket
-    private let export: Export
+    private let exports: [Export]
     private let buffers: BufferPool
     private let devices: DevicePool
     private let deviceQueue = DeviceQueue()
@@ -63,12 +63,12 @@ final class Connection: @unchecked Sendable {
     private var handler: RequestHandler!
     private var writer: ReplyWriter!
 
-    init(socket: Socket, peer: String, id: Int, export: Export, buffers: BufferPool, devices: DevicePool,
+    init(socket: Socket, peer: String, id: Int, exports: [Export], buffers: BufferPool, devices: DevicePool,
          limits: ConnectionLimits, handshakeTimeout: Double?, logger: Logger) {
         self.socket = socket
         self.peer = peer
         self.id = id
-        self.export = export
+        self.exports = exports
         self.buffers = buffers
         self.devices = devices
         self.limits = limits
@@ -86,7 +86,7 @@ final class Connection: @unchecked Sendable {
     func run() {
         var reader = SocketReader(socket: socket)
         let deadline = handshakeTimeout.map { MonotonicClock.now() + UInt64($0 * 1e9) }
-        let handshake = Handshake(socket: socket, export: export, logger: logger, deadline: deadline)
+        let handshake = Handshake(socket: socket, exports: exports, logger: logger, deadline: deadline)
         let session: Session
         do {
             session = try handshake.run(&reader)
@@ -94,6 +94,8 @@ final class Connection: @unchecked Sendable {
             finish(reason: Self.describe(handshakeFailure: error))
             return
         }
+        let export = exports[session.exportIndex]
+        logger[metadataKey: "nbd.export"] = "\(export.name)"
         handler = RequestHandler(device: export.device, session: session, buffers: buffers, counters: counters,
                                  logger: logger)
         writer = ReplyWriter(socket: socket, name: "nbd-send-\(id)", finished: { [unowned self] reply in
@@ -111,7 +113,7 @@ final class Connection: @unchecked Sendable {
             return
         }
         logger.debug("Transmission started", metadata: [
-            "nbd.export": "\(export.name)", "nbd.structured": "\(session.structuredReplies)",
+            "nbd.structured": "\(session.structuredReplies)", "nbd.extended": "\(session.extendedHeaders)",
             "nbd.flags": "0x\(String(session.flags.rawValue, radix: 16))",
         ])
         var transmission = TransmissionReader(connection: self, session: session, exportSize: export.device.size,

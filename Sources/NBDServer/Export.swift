@@ -24,10 +24,6 @@ public struct Export: Sendable {
         self.allowMultiConn = allowMultiConn
     }
 
-    /// Whether a client asking for `requested` means this export. The empty
-    /// name is the default export, as in nbdkit.
-    func answers(to requested: String) -> Bool { requested == name || requested.isEmpty }
-
     /// The metadata contexts this export offers.
     var metaContexts: [MetaContext] { exposeAllocationDepth ? [.baseAllocation, .allocationDepth] : [.baseAllocation] }
 }

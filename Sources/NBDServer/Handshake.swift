@@ -13,7 +13,7 @@ struct Handshake {
     }
 
     let socket: Socket
-    let export: Export
+    let exports: [Export]
     let logger: Logger
     /// Nanoseconds on `MonotonicClock`, or nil for no limit.
     let deadline: UInt64?
@@ -30,7 +30,7 @@ struct Handshake {
         } catch {
             throw Failure.refused("\(error)")
         }
-        var negotiation = Negotiation(export: export, clientFlags: clientFlags)
+        var negotiation = Negotiation(exports: exports, clientFlags: clientFlags)
         var header = [UInt8](repeating: 0, count: OptionHeader.wireSize)
         while true {
             try armTimeout()

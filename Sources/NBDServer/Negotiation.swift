@@ -10,6 +10,8 @@ public struct Session: Sendable, Equatable {
     /// Contexts selected by the last NBD_OPT_SET_META_CONTEXT for the export.
     public var metaContexts: [MetaContext] = []
     public var flags: TransmissionFlags = []
+    /// Which of the server's exports the client chose.
+    public var exportIndex = 0
 }
 
 /// The fixed newstyle option haggling, as a pure state machine: the
@@ -26,16 +28,19 @@ public struct Negotiation {
         case close([OptionReply], reason: String)
     }
 
-    let export: Export
+    /// The server's exports; the first is also the default (the empty name).
+    let exports: [Export]
     let noZeroes: Bool
     /// Without NBD_FLAG_C_FIXED_NEWSTYLE, NBD_OPT_EXPORT_NAME is the only option there is.
     let fixedNewstyle: Bool
     private(set) var session = Session()
+    /// The export name the last NBD_OPT_SET_META_CONTEXT chose contexts for.
     private var metaContextsFor: String?
     private var optionCount = 0
 
-    public init(export: Export, clientFlags: ClientFlags) {
-        self.export = export
+    public init(exports: [Export], clientFlags: ClientFlags) {
+        precondition(!exports.isEmpty, "a server needs an export")
+        self.exports = exports
         noZeroes = clientFlags.contains(.noZeroes)
         fixedNewstyle = clientFlags.contains(.fixedNewstyle)
     }
@@ -70,17 +75,18 @@ public struct Negotiation {
             return .close([], reason: "NBD_OPT_EXPORT_NAME after extended headers")
         }
         // No error reply is possible here: a wrong name can only be a hard disconnect.
-        guard let name = String(validating: payload, as: UTF8.self), export.answers(to: name) else {
+        guard let name = String(validating: payload, as: UTF8.self), let index = index(of: name) else {
             return .close([], reason: "client asked for an unknown export")
         }
-        finishSession(exportName: name)
+        finishSession(exportIndex: index, name: name)
         return .transmitAfterExportName(
-            encodeExportNameReply(size: export.device.size, flags: session.flags, noZeroes: noZeroes), session)
+            encodeExportNameReply(size: exports[index].device.size, flags: session.flags, noZeroes: noZeroes),
+            session)
     }
 
     private func list(_ payload: UnsafeRawBufferPointer) -> Action {
         guard payload.isEmpty else { return .reply([.error(.list, .errInvalid, "NBD_OPT_LIST takes no data")]) }
-        return .reply([.server(name: export.name, description: export.description), .ack(.list)])
+        return .reply(exports.map { .server(name: $0.name, description: $0.description) } + [.ack(.list)])
     }
 
     private mutating func structuredReply(_ payload: UnsafeRawBufferPointer) -> Action {
@@ -107,8 +113,13 @@ public struct Negotiation {
         return .reply([.ack(.extendedHeaders)])
     }
 
+    /// An export by the name a client asked for: an exact match, or for the empty name the default.
+    func index(of name: String) -> Int? {
+        exports.firstIndex { $0.name == name } ?? (name.isEmpty ? 0 : nil)
+    }
+
     /// The export's flags as this session would see them.
-    private func transmissionFlags(metaContexts: [MetaContext]) -> TransmissionFlags {
+    private func transmissionFlags(_ export: Export, metaContexts: [MetaContext]) -> TransmissionFlags {
         var flags = TransmissionFlags(capabilities: export.device.capabilities, readOnly: export.readOnly,
                                       multiConn: export.allowMultiConn, structuredReplies: session.structuredReplies)
         // The payload form of BLOCK_STATUS exists only with extended headers and contexts to choose from.
@@ -123,11 +134,12 @@ public struct Negotiation {
         } catch {
             return .reply([.error(option, .errInvalid, error.description)])
         }
-        guard export.answers(to: request.exportName) else {
+        guard let index = index(of: request.exportName) else {
             return .reply([.error(option, .errUnknown, "export '\(request.exportName)' not available")])
         }
+        let export = exports[index]
         let contexts = metaContextsFor == request.exportName ? session.metaContexts : []
-        let flags = transmissionFlags(metaContexts: contexts)
+        let flags = transmissionFlags(export, metaContexts: contexts)
         var replies: [OptionReply] = [.infoExport(option, size: export.device.size, flags: flags)]
         // NBD_INFO_EXPORT is always sent; the others only when asked for.
         for info in Set(request.requests.map(\.rawValue)).sorted() {
@@ -143,14 +155,15 @@ public struct Negotiation {
         }
         replies.append(.ack(option))
         guard option == .go else { return .reply(replies) }
-        finishSession(exportName: request.exportName)
+        finishSession(exportIndex: index, name: request.exportName)
         return .transmit(replies, session)
     }
 
-    private mutating func finishSession(exportName: String) {
+    private mutating func finishSession(exportIndex: Int, name: String) {
         // Contexts chosen for another export name don't carry over (spec: NBD_OPT_SET_META_CONTEXT).
-        if metaContextsFor != exportName || !session.structuredReplies { session.metaContexts = [] }
-        session.flags = transmissionFlags(metaContexts: session.metaContexts)
+        if metaContextsFor != name || !session.structuredReplies { session.metaContexts = [] }
+        session.exportIndex = exportIndex
+        session.flags = transmissionFlags(exports[exportIndex], metaContexts: session.metaContexts)
     }
 
     private mutating func metaContext(_ option: OptionCode, _ payload: UnsafeRawBufferPointer) -> Action {
@@ -167,10 +180,10 @@ public struct Negotiation {
                 return .reply([.error(option, .errInvalid, "structured replies were not negotiated")])
             }
         }
-        guard export.answers(to: request.exportName) else {
+        guard let index = index(of: request.exportName) else {
             return .reply([.error(option, .errUnknown, "export '\(request.exportName)' not available")])
         }
-        let offered = export.metaContexts
+        let offered = exports[index].metaContexts
         var matched: [MetaContext] = []
         if request.queries.isEmpty {
             if !setting { matched = offered }

@@ -85,3 +85,90 @@ public enum SwiftNBDKit {
                       allowMultiConn: options.maxConnections != 1)
     }
 }
+
+extension ExportOptions {
+    /// One `--export` value: `name=NAME,file=PATH[,format=raw|qcow2][,readonly=on|off][,description=TEXT]`,
+    /// in qemu's option syntax (a doubled comma is a literal one). What it does not set comes from `shared`.
+    public static func parse(export spec: String, shared: ExportOptions) throws(StartupError) -> ExportOptions {
+        var options = shared
+        var name: String?
+        var file: String?
+        for field in splitFields(spec) {
+            guard let equals = field.firstIndex(of: "=") else {
+                throw StartupError("--export '\(spec)': '\(field)' is not KEY=VALUE")
+            }
+            let key = String(field[..<equals])
+            let value = String(field[field.index(after: equals)...])
+            switch key {
+            case "name": name = value
+            case "file": file = value
+            case "format":
+                guard let format = ImageFormat(rawValue: value) else {
+                    throw StartupError("--export '\(spec)': format must be raw or qcow2, not '\(value)'")
+                }
+                options.format = format
+            case "readonly":
+                guard let on = ["on": true, "off": false, "true": true, "false": false][value] else {
+                    throw StartupError("--export '\(spec)': readonly must be on or off, not '\(value)'")
+                }
+                options.readOnly = on
+            case "description": options.description = value
+            default:
+                throw StartupError("--export '\(spec)': unknown key '\(key)' (name, file, format, readonly, description)")
+            }
+        }
+        guard let name, let file, !file.isEmpty else {
+            throw StartupError("--export '\(spec)': name= and file= are required")
+        }
+        guard name.utf8.count <= 4096, options.description.utf8.count <= 4096 else {
+            throw StartupError("--export '\(spec)': names and descriptions are limited to 4096 bytes")
+        }
+        options.exportName = name
+        options.path = file
+        return options
+    }
+
+    /// Splits on single commas; ",," stands for a comma inside a value.
+    private static func splitFields(_ spec: String) -> [String] {
+        var fields: [String] = []
+        var current = ""
+        var characters = spec.makeIterator()
+        var pending = characters.next()
+        while let c = pending {
+            pending = characters.next()
+            if c == "," {
+                if pending == "," {
+                    current.append(",")
+                    pending = characters.next()
+                } else {
+                    fields.append(current)
+                    current = ""
+                }
+            } else {
+                current.append(c)
+            }
+        }
+        fields.append(current)
+        return fields.filter { !$0.isEmpty }
+    }
+}
+
+extension SwiftNBDKit {
+    /// Opens every export, refusing two with the same name.
+    public static func openExports(_ all: [ExportOptions]) throws(StartupError) -> [Export] {
+        var seen = Set<String>()
+        for options in all where !seen.insert(options.exportName).inserted {
+            throw StartupError("two exports are named '\(options.exportName)'")
+        }
+        var exports: [Export] = []
+        for options in all {
+            do {
+                exports.append(try openExport(options))
+            } catch {
+                for opened in exports { opened.device.close() }
+                throw error
+            }
+        }
+        return exports
+    }
+}

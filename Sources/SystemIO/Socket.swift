@@ -228,8 +228,11 @@ public struct Socket: Sendable, Hashable {
 
     // MARK: - Listening
 
-    /// Binds and listens on every address `host` resolves to (TCP).
+    /// Binds and listens on every address `host` resolves to (TCP). The empty
+    /// host is every address of both families, each on a socket of its own;
+    /// a family the machine lacks is skipped. IPv6 literals may be bracketed.
     public static func listenTCP(host: String, port: Int, backlog: Int32 = 128) throws(Errno) -> [Socket] {
+        let host = host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host
         var hints = addrinfo()
         hints.ai_family = AF_UNSPEC
         hints.ai_socktype = Int32(SOCK_STREAM.rawValue)

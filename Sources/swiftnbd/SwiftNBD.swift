@@ -25,8 +25,9 @@ struct SwiftNBD: ParsableCommand {
     @Option(name: [.customShort("p"), .long], help: "TCP port to listen on (0: any free port).")
     var port: Int = 10809
 
-    @Option(name: [.customShort("b"), .long], help: "Address to listen on.")
-    var bind: String = "0.0.0.0"
+    @Option(name: [.customShort("b"), .long],
+            help: "Address to listen on (default: every IPv6 and IPv4 address; IPv6 literals as ::1 or [::1]).")
+    var bind: String?
 
     @Option(name: [.customShort("k"), .long], help: "Listen on this Unix socket instead of TCP.")
     var socket: String?
@@ -70,12 +71,15 @@ struct SwiftNBD: ParsableCommand {
     @Option(name: .customLong("pid-file"), help: "Write the server's process ID to this file.")
     var pidFile: String?
 
-    @Option(name: .customLong("handshake-timeout"),
+    @Option(name: [.customLong("handshake-timeout"), .customLong("handshake-limit")],
             help: "Drop clients that haven't finished negotiating after this many seconds (0: never).")
     var handshakeTimeout: Double = 10
 
     @Option(name: .customLong("cache"), help: "Accepted for qemu-nbd compatibility; the page cache is used.")
     var cache: String?
+
+    @Flag(name: [.customShort("n"), .customLong("nocache")], help: "Same as --cache=none (qemu-nbd's spelling).")
+    var noCache = false
 
     @Option(name: .customLong("aio"), help: "Accepted for qemu-nbd compatibility.")
     var aio: String?
@@ -89,12 +93,21 @@ struct SwiftNBD: ParsableCommand {
     @Option(name: .customLong("log-file"), help: "Log to this file instead of stderr; SIGHUP reopens it.")
     var logFile: String?
 
-    @Argument(help: "The image file.")
-    var file: String
+    @Option(name: .customLong("export"),
+            help: ArgumentHelp("Serve another export (repeatable).",
+                               valueName: "name=NAME,file=PATH[,format=raw|qcow2][,readonly=on][,description=TEXT]"))
+    var exportSpecs: [String] = []
+
+    @Argument(help: "The image file (optional when --export is given).")
+    var file: String?
+
+    /// The positional image; an empty one (IMAGE= in a unit's config) means none, for --export-only services.
+    private var image: String? { file.flatMap { $0.isEmpty ? nil : $0 } }
 
     func validate() throws {
         guard (0...65535).contains(port) else { throw ValidationError("port \(port) is out of range") }
         guard shared >= 0 else { throw ValidationError("--shared can't be negative") }
+        guard image != nil || !exportSpecs.isEmpty else { throw ValidationError("no image: give FILE or --export") }
         guard handshakeTimeout >= 0 else { throw ValidationError("--handshake-timeout can't be negative") }
         guard exportName.utf8.count <= 4096, description.utf8.count <= 4096 else {
             throw ValidationError("export names and descriptions are limited to 4096 bytes")
@@ -126,18 +139,26 @@ struct SwiftNBD: ParsableCommand {
             // The parent only waits for the child to say it is listening.
             throw ExitCode(try Daemon.spawnAndWait())
         }
-        var options = ExportOptions(path: file)
-        options.format = format
-        options.readOnly = readOnly
-        options.loadSnapshot = loadSnapshot
-        options.exportName = exportName
-        options.description = description
-        options.allocationDepth = allocationDepth
-        options.maxConnections = shared
-        options.temporarySnapshot = snapshot
-        options.discard = discard
-        options.detectZeroes = detectZeroes
-        let export = try SwiftNBDKit.openExport(options)
+        // Settings every export shares; the positional image adds its own.
+        var common = ExportOptions(path: "")
+        common.allocationDepth = allocationDepth
+        common.maxConnections = shared
+        common.discard = discard
+        common.detectZeroes = detectZeroes
+        var all: [ExportOptions] = []
+        if let image {
+            var options = common
+            options.path = image
+            options.format = format
+            options.readOnly = readOnly
+            options.loadSnapshot = loadSnapshot
+            options.exportName = exportName
+            options.description = description
+            options.temporarySnapshot = snapshot
+            all.append(options)
+        }
+        for spec in exportSpecs { all.append(try ExportOptions.parse(export: spec, shared: common)) }
+        let exports = try SwiftNBDKit.openExports(all)
 
         let listeners: [Socket]
         let listening: String
@@ -148,11 +169,11 @@ struct SwiftNBD: ParsableCommand {
             listeners = try SwiftNBDKit.listen(on: .unix(path: path))
             listening = path
         } else {
-            listeners = try SwiftNBDKit.listen(on: .tcp(host: bind, port: port))
-            listening = "\(bind) port=\(listeners.first?.localPort() ?? port)"
+            listeners = try SwiftNBDKit.listen(on: .tcp(host: bind ?? "", port: port))
+            listening = "\(bind ?? "*") port=\(listeners.first?.localPort() ?? port)"
         }
 
-        let server = Server(export: export,
+        let server = Server(exports: exports,
                             configuration: ServerConfiguration(maxConnections: shared, persistent: persistent,
                                                                handshakeTimeout: handshakeTimeout > 0 ? handshakeTimeout : nil),
                             logger: logger)

@@ -19,14 +19,14 @@ import Testing
     }
 
     @Test func plainNewstyleClientsMayOnlyAskForAnExportByName() {
-        var n = Negotiation(export: export, clientFlags: [])
+        var n = Negotiation(exports: [export], clientFlags: [])
         let request = payload { InfoRequest(exportName: "disk", requests: []).encode(into: &$0) }
         guard case .close(let replies, _) = send(&n, .go, request) else {
             Issue.record("a client without fixed newstyle can't be sent option replies")
             return
         }
         #expect(replies.isEmpty)
-        var plain = Negotiation(export: export, clientFlags: [])
+        var plain = Negotiation(exports: [export], clientFlags: [])
         guard case .transmitAfterExportName(let bytes, _) = send(&plain, .exportName, Array("disk".utf8)) else {
             Issue.record("NBD_OPT_EXPORT_NAME must work without fixed newstyle")
             return
@@ -35,7 +35,7 @@ import Testing
     }
 
     @Test func goWithTheRightNameEntersTransmission() throws {
-        var n = Negotiation(export: export, clientFlags: [.fixedNewstyle, .noZeroes])
+        var n = Negotiation(exports: [export], clientFlags: [.fixedNewstyle, .noZeroes])
         let request = payload { InfoRequest(exportName: "disk", requests: [.name, .blockSize]).encode(into: &$0) }
         guard case .transmit(let replies, let session) = send(&n, .go, request) else {
             Issue.record("GO did not start transmission")
@@ -50,7 +50,7 @@ import Testing
     }
 
     @Test func emptyNameMeansTheDefaultExport() {
-        var n = Negotiation(export: export, clientFlags: [.fixedNewstyle])
+        var n = Negotiation(exports: [export], clientFlags: [.fixedNewstyle])
         let request = payload { InfoRequest(exportName: "", requests: []).encode(into: &$0) }
         guard case .reply(let replies) = send(&n, .info, request) else {
             Issue.record("INFO must not end negotiation")
@@ -62,7 +62,7 @@ import Testing
     }
 
     @Test func wrongNameGetsErrUnknownAndNegotiationGoesOn() {
-        var n = Negotiation(export: export, clientFlags: [.fixedNewstyle])
+        var n = Negotiation(exports: [export], clientFlags: [.fixedNewstyle])
         let request = payload { InfoRequest(exportName: "nope", requests: []).encode(into: &$0) }
         guard case .reply(let replies) = send(&n, .go, request) else {
             Issue.record("a wrong name must get an error reply")
@@ -72,7 +72,7 @@ import Testing
     }
 
     @Test func exportNameWithWrongNameCloses() {
-        var n = Negotiation(export: export, clientFlags: [.fixedNewstyle])
+        var n = Negotiation(exports: [export], clientFlags: [.fixedNewstyle])
         guard case .close(let replies, _) = send(&n, .exportName, Array("nope".utf8)) else {
             Issue.record("NBD_OPT_EXPORT_NAME with a wrong name must disconnect")
             return
@@ -82,7 +82,7 @@ import Testing
 
     @Test(arguments: [true, false])
     func exportNameAnswersSizeAndFlags(noZeroes: Bool) {
-        var n = Negotiation(export: export, clientFlags: noZeroes ? [.fixedNewstyle, .noZeroes] : [.fixedNewstyle])
+        var n = Negotiation(exports: [export], clientFlags: noZeroes ? [.fixedNewstyle, .noZeroes] : [.fixedNewstyle])
         guard case .transmitAfterExportName(let bytes, _) = send(&n, .exportName, Array("disk".utf8)) else {
             Issue.record("EXPORT_NAME must start transmission")
             return
@@ -91,7 +91,7 @@ import Testing
     }
 
     @Test func unknownOptionIsUnsupportedAndNegotiationContinues() {
-        var n = Negotiation(export: export, clientFlags: [.fixedNewstyle])
+        var n = Negotiation(exports: [export], clientFlags: [.fixedNewstyle])
         guard case .reply(let replies) = send(&n, OptionCode(rawValue: 4242), [1, 2, 3]) else {
             Issue.record("unknown option must get a reply")
             return
@@ -105,7 +105,7 @@ import Testing
     }
 
     @Test func abortAcksThenCloses() {
-        var n = Negotiation(export: export, clientFlags: [.fixedNewstyle])
+        var n = Negotiation(exports: [export], clientFlags: [.fixedNewstyle])
         guard case .close(let replies, _) = send(&n, .abort) else {
             Issue.record("ABORT must close")
             return
@@ -114,7 +114,7 @@ import Testing
     }
 
     @Test func setMetaContextNeedsStructuredReplies() {
-        var n = Negotiation(export: export, clientFlags: [.fixedNewstyle])
+        var n = Negotiation(exports: [export], clientFlags: [.fixedNewstyle])
         let query = payload { MetaContextRequest(exportName: "disk", queries: ["base:allocation"]).encode(into: &$0) }
         guard case .reply(let refused) = send(&n, .setMetaContext, query) else { return }
         #expect(refused.map(\.type) == [.errInvalid])
@@ -128,7 +128,7 @@ import Testing
     }
 
     @Test func metaContextsChosenForAnotherNameDoNotCarryOver() {
-        var n = Negotiation(export: export, clientFlags: [.fixedNewstyle])
+        var n = Negotiation(exports: [export], clientFlags: [.fixedNewstyle])
         _ = send(&n, .structuredReply)
         let query = payload { MetaContextRequest(exportName: "disk", queries: ["base:allocation"]).encode(into: &$0) }
         _ = send(&n, .setMetaContext, query)
@@ -139,7 +139,7 @@ import Testing
 
     @Test func listMetaContextWithoutQueriesListsEverything() {
         let withDepth = Export(name: "", device: MemoryDevice(size: 4096), readOnly: true, exposeAllocationDepth: true)
-        var n = Negotiation(export: withDepth, clientFlags: [.fixedNewstyle])
+        var n = Negotiation(exports: [withDepth], clientFlags: [.fixedNewstyle])
         let all = payload { MetaContextRequest(exportName: "", queries: []).encode(into: &$0) }
         guard case .reply(let replies) = send(&n, .listMetaContext, all) else { return }
         #expect(replies.compactMap { $0.type == .metaContext ? String(decoding: $0.payload.dropFirst(4), as: UTF8.self) : nil }
@@ -149,8 +149,36 @@ import Testing
         #expect(some.count == 2 && some[0].type == .metaContext)
     }
 
+    @Test func severalExportsAreListedAndChosenByName() {
+        let second = Export(name: "backup", description: "the backup disk", device: MemoryDevice(size: 8192),
+                            readOnly: true, exposeAllocationDepth: true)
+        var n = Negotiation(exports: [export, second], clientFlags: [.fixedNewstyle])
+        guard case .reply(let listed) = send(&n, .list) else { return }
+        #expect(listed == [.server(name: "disk", description: "test disk"),
+                           .server(name: "backup", description: "the backup disk"), .ack(.list)])
+        // Contexts follow the export they were chosen for.
+        _ = send(&n, .structuredReply)
+        let depth = payload { MetaContextRequest(exportName: "backup", queries: ["qemu:allocation-depth"]).encode(into: &$0) }
+        guard case .reply(let chosen) = send(&n, .setMetaContext, depth) else { return }
+        #expect(chosen.first?.type == .metaContext)
+        let onFirst = payload { MetaContextRequest(exportName: "disk", queries: ["qemu:allocation-depth"]).encode(into: &$0) }
+        guard case .reply(let none) = send(&n, .listMetaContext, onFirst) else { return }
+        #expect(none == [.ack(.listMetaContext)], "the first export does not offer allocation depth")
+        let go = payload { InfoRequest(exportName: "backup", requests: []).encode(into: &$0) }
+        guard case .transmit(let replies, let session) = send(&n, .go, go) else {
+            Issue.record("GO by name must pick the second export")
+            return
+        }
+        #expect(session.exportIndex == 1 && session.flags.contains(.readOnly))
+        #expect(replies.first == .infoExport(.go, size: 8192, flags: session.flags))
+        var byDefault = Negotiation(exports: [export, second], clientFlags: [.fixedNewstyle])
+        let empty = payload { InfoRequest(exportName: "", requests: []).encode(into: &$0) }
+        guard case .transmit(_, let first) = send(&byDefault, .go, empty) else { return }
+        #expect(first.exportIndex == 0, "the empty name is the first export")
+    }
+
     @Test func tooManyOptionsCloses() {
-        var n = Negotiation(export: export, clientFlags: [.fixedNewstyle])
+        var n = Negotiation(exports: [export], clientFlags: [.fixedNewstyle])
         var last: Negotiation.Action = .reply([])
         for _ in 0...Limits.maxOptions { last = send(&n, .list) }
         guard case .close = last else {

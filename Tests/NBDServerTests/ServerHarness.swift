@@ -21,8 +21,8 @@ final class ServerHarness {
         var configuration = ServerConfiguration(maxConnections: 0, persistent: true)
         configure(&configuration)
         self.device = device
-        server = Server(export: Export(name: "", device: device, readOnly: false,
-                                       exposeAllocationDepth: exposeAllocationDepth),
+        server = Server(exports: [Export(name: "", device: device, readOnly: false,
+                                         exposeAllocationDepth: exposeAllocationDepth)],
                         configuration: configuration, logger: Logger(label: "test"))
         server.start(listeners: [])
     }
