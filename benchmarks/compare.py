@@ -5,7 +5,10 @@ the same images in one run and prints throughput and ratios.
 The machine is small and noisy: compare the ratios printed by one run, not
 absolute figures across runs. Each measurement is the best of --repeat runs.
 
-Usage: benchmarks/compare.py [--size-gib N] [--repeat N] [--only NAME ...]
+Usage: benchmarks/compare.py [--size-gib N] [--repeat N] [--only NAME ...] [--also NAME=BINARY ...]
+
+--also adds another swiftnbd build to every row (say, main's before a change), so
+a change is measured against its base in the same run.
 """
 import argparse
 import json
@@ -19,6 +22,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWIFTNBD = os.path.join(ROOT, ".build", "release", "swiftnbd")
+# Other swiftnbd builds to run beside this one: [(name, path)], from --also.
+EXTRA_BUILDS = []
 
 
 def free_port():
@@ -65,9 +70,9 @@ class Server:
 def servers_for(image, fmt, writable=False, connections=4):
     """Every server that can export this image, each as (name, argv builder)."""
     ro = [] if writable else ["-r"]
-    result = [
-        ("swiftnbd", lambda p: [SWIFTNBD, "-t", "-b", "127.0.0.1", "-p", str(p), "-f", fmt,
-                                "-e", str(connections)] + ro + [image]),
+    swiftnbd = lambda binary: lambda p: [binary, "-t", "-b", "127.0.0.1", "-p", str(p), "-f", fmt,
+                                         "-e", str(connections)] + ro + [image]
+    result = [("swiftnbd", swiftnbd(SWIFTNBD))] + [(name, swiftnbd(path)) for name, path in EXTRA_BUILDS] + [
         ("qemu-nbd", lambda p: ["qemu-nbd", "-t", "-b", "127.0.0.1", "-p", str(p), "-f", fmt,
                                 "-e", str(connections), "--cache=writeback", "--aio=threads"] + ro + [image]),
     ]
@@ -193,7 +198,11 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--fio-seconds", type=int, default=10)
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--also", nargs="*", default=[], metavar="NAME=BINARY")
     args = parser.parse_args()
+    for spec in args.also:
+        name, _, path = spec.partition("=")
+        EXTRA_BUILDS.append((name, os.path.abspath(path)))
     if not os.path.exists(SWIFTNBD):
         subprocess.run(["swift", "build", "-c", "release", "--product", "swiftnbd"], cwd=ROOT, check=True)
     size = int(args.size_gib * (1 << 30)) // (1 << 20) * (1 << 20)

@@ -53,9 +53,13 @@ final class Connection: @unchecked Sendable {
     private let currentStatus = Atomic<UInt8>(Status.negotiating.rawValue)
     // Guarded by lock.
     private var socketOpen = true
-    private var reservedBytes = 0
+    // The budget is counted without the lock (the reader adds, device and
+    // writer threads subtract); the lock and `changed` are only for waiting.
+    private let reservedBytes = Atomic<Int>(0)
     /// Requests read and not yet answered or dropped.
-    private var pending = 0
+    private let pending = Atomic<Int>(0)
+    /// Someone waits on `changed` for the budget or for `pending` to reach zero.
+    private let waiting = Atomic<Bool>(false)
     private var endReason: String?
 
     // Set once on the connection's thread before the first request is
@@ -120,7 +124,10 @@ final class Connection: @unchecked Sendable {
                                               logger: logger)
         let ending = transmission.run(&reader)
         end(ending.status, reason: ending.reason)
-        lock.withLock { while pending > 0 { changed.wait() } }
+        lock.withLock {
+            waiting.store(true, ordering: .sequentiallyConsistent)
+            while pending.load(ordering: .sequentiallyConsistent) > 0 { changed.wait() }
+        }
         writer.stop()
         finish(reason: nil)
     }
@@ -185,23 +192,27 @@ final class Connection: @unchecked Sendable {
     /// Reserves `cost` bytes for a request about to be read, waiting while the
     /// connection is over its cap. False when the connection has stopped reading.
     func reserve(_ cost: Int) -> Bool {
-        lock.withLock {
-            while status == .active && reservedBytes > 0 && reservedBytes + cost > limits.maxQueuedBytes {
-                changed.wait()
+        func fits() -> Bool {
+            let reserved = reservedBytes.load(ordering: .sequentiallyConsistent)
+            return reserved == 0 || reserved + cost <= limits.maxQueuedBytes
+        }
+        if !(status == .active && fits()) {
+            lock.withLock {
+                waiting.store(true, ordering: .sequentiallyConsistent)
+                while status == .active && !fits() { changed.wait() }
+                waiting.store(false, ordering: .sequentiallyConsistent)
             }
             guard status == .active else { return false }
-            reservedBytes += cost
-            pending += 1
-            return true
         }
+        reservedBytes.add(cost, ordering: .sequentiallyConsistent)
+        pending.add(1, ordering: .sequentiallyConsistent)
+        return true
     }
 
     fileprivate func release(_ cost: Int) {
-        lock.withLock {
-            reservedBytes -= cost
-            pending -= 1
-            changed.broadcast()
-        }
+        reservedBytes.subtract(cost, ordering: .sequentiallyConsistent)
+        pending.subtract(1, ordering: .sequentiallyConsistent)
+        if waiting.load(ordering: .sequentiallyConsistent) { lock.withLock { changed.broadcast() } }
     }
 
     // MARK: - Requests

@@ -3,10 +3,12 @@ import SystemIO
 
 /// The only code that sends on a connection in transmission. A device
 /// thread hands over a finished reply with `enqueue`, which never waits for
-/// the client: when nothing is queued the reply is sent at once without
-/// blocking; whatever the socket does not take goes to a queue that the
-/// connection's own writer thread drains with blocking sends. So a client
-/// that stops reading parks only its writer thread.
+/// the client. Whoever finds no one sending becomes the sender and sends,
+/// without blocking, everything queued, including what other device threads
+/// queue meanwhile; when the socket's buffer fills, the connection's own
+/// writer thread takes over with blocking sends until the queue is empty.
+/// So replies go out with no thread switch while the client keeps up, and a
+/// client that stops reading parks only its writer thread.
 ///
 /// Every reply given to the writer comes back exactly once through
 /// `finished`, sent or dropped, so buffers and budget are always returned.
@@ -19,11 +21,13 @@ final class ReplyWriter: @unchecked Sendable {
     private let lock = Lock()
     private let wake: Condition
     // Guarded by lock.
-    /// Replies waiting, the first perhaps partly sent (`headSent` bytes).
+    /// Replies waiting, the first perhaps partly sent (`headSent` bytes); the one being sent is not here.
     private var queue = Deque<Reply>()
     private var headSent = 0
-    /// Someone (a device thread or the writer thread) is sending; others queue.
+    /// Someone is sending; others only queue.
     private var sending = false
+    /// The sender is the writer thread (the socket was full).
+    private var writerOwns = false
     private var threadRunning = false
     private var stopped = false
     private var broken = false
@@ -39,7 +43,7 @@ final class ReplyWriter: @unchecked Sendable {
         wake = Condition(lock)
     }
 
-    /// Sends `reply` now if the socket takes it whole without blocking, else queues it.
+    /// Queues `reply` and, if no one is sending, sends the queue without blocking.
     func enqueue(_ reply: Reply) {
         lock.lock()
         if broken {
@@ -47,39 +51,51 @@ final class ReplyWriter: @unchecked Sendable {
             finished(reply)
             return
         }
-        guard queue.isEmpty && !sending else {
-            queue.append(reply)
-            startThreadIfNeeded()
-            wake.signal()
+        queue.append(reply)
+        guard !sending else {
             lock.unlock()
             return
         }
         sending = true
+        send(blocking: false)
         lock.unlock()
+    }
 
-        var reply = reply
-        let sent: Int
-        do {
-            sent = try reply.send(on: socket, alreadySent: 0, blocking: false)
-        } catch {
-            lock.withLock { sending = false }
-            finished(reply)
-            fail(error)
-            return
+    /// Sends the queue in order until it is empty, the socket is full (without
+    /// blocking: then the writer thread takes over), or a send fails. Called
+    /// with the lock held by the current sender; returns with it held.
+    private func send(blocking: Bool) {
+        // The reply being sent is out of the queue, so `fail` never drops it under the sender.
+        while !broken, var head = queue.popFirst() {
+            let alreadySent = headSent
+            headSent = 0
+            lock.unlock()
+            let result = Result { () throws(Errno) in
+                try head.send(on: socket, alreadySent: alreadySent, blocking: blocking)
+            }
+            lock.lock()
+            switch result {
+            case .success(let sent) where sent < head.length && !broken:
+                // The socket is full: the writer thread goes on from here with blocking sends.
+                queue.prepend(head)
+                headSent = sent
+                writerOwns = true
+                startThreadIfNeeded()
+                wake.signal()
+                return
+            case .success:
+                lock.unlock()
+                finished(head)
+                lock.lock()
+            case .failure(let error):
+                lock.unlock()
+                finished(head)
+                fail(error)
+                lock.lock()
+            }
         }
-        lock.lock()
         sending = false
-        let done = sent == reply.length
-        if !done {
-            queue.prepend(reply)
-            headSent = sent
-        }
-        if !queue.isEmpty {
-            startThreadIfNeeded()
-            wake.signal()
-        }
-        lock.unlock()
-        if done { finished(reply) }
+        writerOwns = false
     }
 
     /// Drops everything queued and refuses what comes later (the client is gone).
@@ -116,25 +132,9 @@ final class ReplyWriter: @unchecked Sendable {
     private func drain() {
         lock.lock()
         while true {
-            while (queue.isEmpty || sending) && !stopped && !broken { wake.wait() }
-            if broken || queue.isEmpty { break }
-            var reply = queue.removeFirst()
-            let alreadySent = headSent
-            headSent = 0
-            sending = true
-            lock.unlock()
-            do {
-                _ = try reply.send(on: socket, alreadySent: alreadySent, blocking: true)
-            } catch {
-                lock.withLock { sending = false }
-                finished(reply)
-                fail(error)
-                lock.lock()
-                continue
-            }
-            lock.withLock { sending = false }
-            finished(reply)
-            lock.lock()
+            while !writerOwns && !stopped && !broken { wake.wait() }
+            guard writerOwns && !broken else { break }
+            send(blocking: true)
         }
         threadRunning = false
         lock.unlock()
