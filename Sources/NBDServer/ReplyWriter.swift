@@ -3,18 +3,19 @@ import SystemIO
 
 /// The only code that sends on a connection in transmission. A device
 /// thread hands over a finished reply with `enqueue`, which never waits for
-/// the client: when nothing is queued the reply is sent at once without
-/// blocking; whatever the socket does not take goes to a queue that the
-/// connection's own writer thread drains with blocking sends. So a client
-/// that stops reading parks only its writer thread.
+/// the client: on a plain socket with nothing queued the reply is sent at
+/// once without blocking; whatever the socket does not take, and over TLS
+/// every reply, goes to a queue that the connection's own writer thread
+/// drains with blocking sends. So a client that stops reading parks only its
+/// writer thread.
 ///
 /// Every reply given to the writer comes back exactly once through
 /// `finished`, sent or dropped, so buffers and budget are always returned.
 final class ReplyWriter: @unchecked Sendable {
-    private let socket: Socket
+    private let transport: Transport
     private let name: String
     private let finished: @Sendable (Reply) -> Void
-    private let failed: @Sendable (Errno) -> Void
+    private let failed: @Sendable (Transport.Failure) -> Void
 
     private let lock = Lock()
     private let wake: Condition
@@ -30,9 +31,9 @@ final class ReplyWriter: @unchecked Sendable {
 
     /// `finished` gets each reply once it is sent or dropped; `failed` is told
     /// once when a send fails (the client is gone).
-    init(socket: Socket, name: String, finished: @escaping @Sendable (Reply) -> Void,
-         failed: @escaping @Sendable (Errno) -> Void) {
-        self.socket = socket
+    init(transport: Transport, name: String, finished: @escaping @Sendable (Reply) -> Void,
+         failed: @escaping @Sendable (Transport.Failure) -> Void) {
+        self.transport = transport
         self.name = name
         self.finished = finished
         self.failed = failed
@@ -47,7 +48,7 @@ final class ReplyWriter: @unchecked Sendable {
             finished(reply)
             return
         }
-        guard queue.isEmpty && !sending else {
+        guard transport.sendsWithoutBlocking && queue.isEmpty && !sending else {
             queue.append(reply)
             startThreadIfNeeded()
             wake.signal()
@@ -60,7 +61,7 @@ final class ReplyWriter: @unchecked Sendable {
         var reply = reply
         let sent: Int
         do {
-            sent = try reply.send(on: socket, alreadySent: 0, blocking: false)
+            sent = try reply.send(on: transport, alreadySent: 0, blocking: false)
         } catch {
             lock.withLock { sending = false }
             finished(reply)
@@ -83,7 +84,7 @@ final class ReplyWriter: @unchecked Sendable {
     }
 
     /// Drops everything queued and refuses what comes later (the client is gone).
-    func fail(_ error: Errno) {
+    func fail(_ error: Transport.Failure) {
         let dropped = lock.withLock { () -> Deque<Reply>? in
             guard !broken else { return nil }
             broken = true
@@ -124,7 +125,7 @@ final class ReplyWriter: @unchecked Sendable {
             sending = true
             lock.unlock()
             do {
-                _ = try reply.send(on: socket, alreadySent: alreadySent, blocking: true)
+                _ = try reply.send(on: transport, alreadySent: alreadySent, blocking: true)
             } catch {
                 lock.withLock { sending = false }
                 finished(reply)

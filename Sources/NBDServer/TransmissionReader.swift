@@ -33,8 +33,8 @@ struct TransmissionReader {
                 case .closed(let atBoundary):
                     let when = atBoundary ? "" : " mid-request"
                     return Ending(status: .dead, reason: "client closed the connection\(when)")
-                case .system(let errno):
-                    return Ending(status: .dead, reason: "read failed: \(errno)")
+                case .failed(let failure):
+                    return Ending(status: .dead, reason: "read failed: \(failure)")
                 }
             }
             var r = WireReader(UnsafeRawBufferPointer(header))
