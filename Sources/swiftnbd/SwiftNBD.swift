@@ -80,6 +80,43 @@ struct SwiftNBD: ParsableCommand {
     @Option(name: .customLong("aio"), help: "Accepted for qemu-nbd compatibility.")
     var aio: String?
 
+    @Option(name: .customLong("object"),
+            help: ArgumentHelp("A qemu object: tls-creds-x509 or tls-creds-psk (id=,dir=,endpoint=server), or authz-simple (id=,identity=).",
+                               valueName: "TYPE,id=ID,..."))
+    var objects: [String] = []
+
+    @Option(name: .customLong("tls-creds"), help: ArgumentHelp("Require TLS with the credentials object ID.", valueName: "ID"))
+    var tlsCreds: String?
+
+    @Option(name: .customLong("tls-authz"),
+            help: ArgumentHelp("Let in only the client identity of the authz-simple object ID.", valueName: "ID"))
+    var tlsAuthz: String?
+
+    @Option(name: .customLong("tls"),
+            help: "off, on (TLS offered) or require (default when credentials are given).")
+    var tls: TLSMode?
+
+    @Option(name: .customLong("tls-certificates"),
+            help: ArgumentHelp("X.509 credentials: DIR holds server-cert.pem, server-key.pem and ca-cert.pem.",
+                               valueName: "DIR"))
+    var tlsCertificates: String?
+
+    @Option(name: .customLong("tls-psk"), help: ArgumentHelp("Pre-shared keys: username:hexkey lines (psktool).",
+                                                             valueName: "FILE"))
+    var tlsPSK: String?
+
+    @Flag(name: .customLong("tls-verify-peer"), help: "Require a client certificate signed by ca-cert.pem.")
+    var tlsVerifyPeer = false
+
+    @Option(name: .customLong("tls-allow-identity"),
+            help: ArgumentHelp("Let in only this certificate DN or PSK username (repeatable).", valueName: "NAME"))
+    var tlsAllowIdentity: [String] = []
+
+    @Option(name: .customLong("allow-address"),
+            help: ArgumentHelp("Let in only TCP clients from these addresses (repeatable, comma-separated).",
+                               valueName: "ADDR[/PREFIX]"))
+    var allowAddress: [String] = []
+
     @Flag(name: [.customShort("v"), .long], help: "Log connections (info level).")
     var verbose = false
 
@@ -99,6 +136,25 @@ struct SwiftNBD: ParsableCommand {
         guard exportName.utf8.count <= 4096, description.utf8.count <= 4096 else {
             throw ValidationError("export names and descriptions are limited to 4096 bytes")
         }
+        do {
+            _ = try SwiftNBDKit.plan(accessOptions)
+        } catch {
+            throw ValidationError(error.description)
+        }
+    }
+
+    private var accessOptions: AccessOptions {
+        var options = AccessOptions()
+        options.objects = objects
+        options.tlsCreds = tlsCreds
+        options.tlsAuthz = tlsAuthz
+        options.tls = tls
+        options.tlsCertificates = tlsCertificates
+        options.tlsPSK = tlsPSK
+        options.tlsVerifyPeer = tlsVerifyPeer
+        options.allowedIdentities = tlsAllowIdentity
+        options.allowedAddresses = allowAddress
+        return options
     }
 
     func run() throws {
@@ -126,6 +182,9 @@ struct SwiftNBD: ParsableCommand {
             // The parent only waits for the child to say it is listening.
             throw ExitCode(try Daemon.spawnAndWait())
         }
+        // Checked in validate(); credentials are read before the image is opened or a port bound.
+        let access = try SwiftNBDKit.plan(accessOptions)
+        let tlsConfiguration = try SwiftNBDKit.tlsConfiguration(access)
         var options = ExportOptions(path: file)
         options.format = format
         options.readOnly = readOnly
@@ -152,10 +211,11 @@ struct SwiftNBD: ParsableCommand {
             listening = "\(bind) port=\(listeners.first?.localPort() ?? port)"
         }
 
-        let server = Server(export: export,
-                            configuration: ServerConfiguration(maxConnections: shared, persistent: persistent,
-                                                               handshakeTimeout: handshakeTimeout > 0 ? handshakeTimeout : nil),
-                            logger: logger)
+        var configuration = ServerConfiguration(maxConnections: shared, persistent: persistent,
+                                                handshakeTimeout: handshakeTimeout > 0 ? handshakeTimeout : nil)
+        configuration.tls = tlsConfiguration
+        configuration.allowedAddresses = access.allowedAddresses
+        let server = Server(export: export, configuration: configuration, logger: logger)
         let signals = SignalHandling.install(stop: { signal in
             logger.info("Stopping on signal \(signal)")
             server.stop()
@@ -183,4 +243,5 @@ struct SwiftNBD: ParsableCommand {
 extension ImageFormat: ExpressibleByArgument {}
 extension DiscardPolicy: ExpressibleByArgument {}
 extension ZeroDetection: ExpressibleByArgument {}
+extension TLSMode: ExpressibleByArgument {}
 extension Logger.Level: @retroactive ExpressibleByArgument {}
