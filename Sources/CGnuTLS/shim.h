@@ -21,3 +21,8 @@ static inline int cgnutls_set_datum(gnutls_datum_t *datum, const void *bytes, un
     datum->size = size;
     return 0;
 }
+
+/// gnutls_free is a macro over a function pointer.
+static inline void cgnutls_free(void *pointer) {
+    gnutls_free(pointer);
+}

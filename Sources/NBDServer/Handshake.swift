@@ -98,14 +98,14 @@ struct Handshake {
             if error.isTimeout { throw Failure.timedOut }
             throw Failure.denied("TLS handshake failed: \(error)")
         }
-        let identity = session.peerIdentity
+        let identities = session.peerIdentities
         if let allowed = tls.allowedIdentities {
-            guard let identity, allowed.contains(identity) else {
+            guard identities.contains(where: allowed.contains) else {
                 session.close()
-                throw Failure.denied("identity \(identity.map { "'\($0)'" } ?? "(none)") is not on the allow-list")
+                throw Failure.denied("identity \(identities.first.map { "'\($0)'" } ?? "(none)") is not on the allow-list")
             }
         }
-        logger.debug("TLS started", metadata: ["nbd.tls.identity": "\(identity ?? "")"])
+        logger.debug("TLS started", metadata: ["nbd.tls.identity": "\(identities.first ?? "")"])
         return session
     }
 

@@ -56,25 +56,37 @@ public final class TLSSession: @unchecked Sendable {
         }
     }
 
-    /// Who the client proved to be: its certificate's distinguished name (as
-    /// qemu's authz matches it) or its PSK username; nil if it presented none.
-    public var peerIdentity: String? {
+    /// Who the client proved to be: its PSK username, or its certificate's
+    /// distinguished name, first as RFC 4514 writes it (`CN=…,O=…,C=…`), then as
+    /// `gnutls_x509_crt_get_dn` does, which is what qemu's authz matches and
+    /// which GnuTLS 3.7 prints in the reverse order. Empty if the client presented none.
+    public var peerIdentities: [String] {
         switch credentials.kind {
         case .psk:
-            return gnutls_psk_server_get_username(session).map { String(cString: $0) }
+            return gnutls_psk_server_get_username(session).map { [String(cString: $0)] } ?? []
         case .x509:
             var count: UInt32 = 0
-            guard let chain = gnutls_certificate_get_peers(session, &count), count > 0 else { return nil }
+            guard let chain = gnutls_certificate_get_peers(session, &count), count > 0 else { return [] }
             var certificate: gnutls_x509_crt_t?
-            guard gnutls_x509_crt_init(&certificate) == 0, let certificate else { return nil }
+            guard gnutls_x509_crt_init(&certificate) == 0, let certificate else { return [] }
             defer { gnutls_x509_crt_deinit(certificate) }
-            guard gnutls_x509_crt_import(certificate, chain, GNUTLS_X509_FMT_DER) == 0 else { return nil }
+            guard gnutls_x509_crt_import(certificate, chain, GNUTLS_X509_FMT_DER) == 0 else { return [] }
+            var names: [String] = []
+            var rfc = gnutls_datum_t()
+            if gnutls_x509_crt_get_dn3(certificate, &rfc, 0) == 0, let data = rfc.data {
+                names.append(String(decoding: UnsafeBufferPointer(start: data, count: Int(rfc.size)), as: UTF8.self))
+                cgnutls_free(data)
+            }
             var size = 0
             _ = gnutls_x509_crt_get_dn(certificate, nil, &size)
-            guard size > 0 else { return nil }
-            var name = [CChar](repeating: 0, count: size + 1)
-            guard gnutls_x509_crt_get_dn(certificate, &name, &size) == 0 else { return nil }
-            return String(cString: name)
+            if size > 0 {
+                var name = [UInt8](repeating: 0, count: size + 1)
+                if gnutls_x509_crt_get_dn(certificate, &name, &size) == 0 {
+                    let text = String(decoding: name.prefix(while: { $0 != 0 }), as: UTF8.self)
+                    if !names.contains(text) { names.append(text) }
+                }
+            }
+            return names
         }
     }
 
