@@ -135,7 +135,11 @@ private func lookUpKey(_ session: gnutls_session_t?, _ username: UnsafePointer<C
                        _ key: UnsafeMutablePointer<gnutls_datum_t>?) -> Int32 {
     guard let session, let username, let key, let pointer = gnutls_session_get_ptr(session) else { return -1 }
     let owner = Unmanaged<TLSSession>.fromOpaque(pointer).takeUnretainedValue()
-    guard let bytes = owner.credentials.keys?.keys[String(cString: username)] else { return -1 }
+    let name = String(cString: username)
+    guard let bytes = owner.credentials.keys?.keys[name] else {
+        owner.unknownUsername = name
+        return -1
+    }
     return bytes.withUnsafeBytes { cgnutls_set_datum(key, $0.baseAddress, UInt32($0.count)) }
 }
 

@@ -15,6 +15,8 @@ public final class TLSSession: @unchecked Sendable {
     /// used only by the sending thread.
     private let staging: UnsafeMutableRawBufferPointer
     private var closed = false
+    /// A PSK username the client gave that has no key (set during the handshake, on its thread).
+    var unknownUsername: String?
 
     /// The most plaintext one TLS record carries.
     public static let recordSize = 16384
@@ -52,7 +54,7 @@ public final class TLSSession: @unchecked Sendable {
             if r == GNUTLS_E_SUCCESS { return }
             if r == GNUTLS_E_INTERRUPTED || (r != GNUTLS_E_AGAIN && gnutls_error_is_fatal(r) == 0) { continue }
             if r != GNUTLS_E_AGAIN { _ = gnutls_alert_send_appropriate(session, r) }
-            throw .gnutls(operation: "TLS handshake", code: r)
+            throw .gnutls(operation: unknownUsername.map { "unknown PSK username '\($0)'" } ?? "TLS handshake", code: r)
         }
     }
 

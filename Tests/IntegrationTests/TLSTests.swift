@@ -98,7 +98,7 @@ import Testing
                           reason: "TLS handshake failed", refusalsBefore: 0)
         expectServedOverTLS(good, "after a wrong key")
         try expectRefused(server, "nbdinfo", [tls.pskURI(port: server.port, user: "bob", file: tls.unknownUser)],
-                          reason: "TLS handshake failed", refusalsBefore: 1)
+                          reason: "unknown PSK username 'bob'", refusalsBefore: 1)
         expectServedOverTLS(good, "after an unknown user")
         try expectRefused(server, "nbdinfo", [server.uri], reason: "TLS is required", refusalsBefore: 2)
         expectServedOverTLS(good, "after a plaintext client")
