@@ -2,7 +2,8 @@
 #
 #   make                      release build (swift build -c release)
 #   make install              install the release binary, systemd units, sysusers.d and
-#                             tmpfiles.d entries, firewalld service, man page, example config
+#                             tmpfiles.d entries, firewalld service, man page, example config,
+#                             the TLS drop-in (as $(SYSCONFDIR)/swiftnbd/tls.conf, to copy)
 #   make uninstall            remove exactly those files
 #
 # Variables (override on the command line, e.g. `make install PREFIX=/usr DESTDIR=/tmp/pkg`):
@@ -66,6 +67,9 @@ install: $(BINARY)
 	$(INSTALL) -m 0644 firewall/swiftnbd.xml $(DESTDIR)$(FIREWALLDSERVICEDIR)/swiftnbd.xml
 	$(INSTALL) -m 0644 man/swiftnbd.1 $(DESTDIR)$(MANDIR)/man1/swiftnbd.1
 	$(INSTALL) -m 0644 systemd/example.conf $(DESTDIR)$(SYSCONFDIR)/swiftnbd/example.conf
+	$(SUBST) systemd/tls.conf > $(DESTDIR)$(SYSCONFDIR)/swiftnbd/tls.conf.tmp && \
+		chmod 0644 $(DESTDIR)$(SYSCONFDIR)/swiftnbd/tls.conf.tmp && \
+		mv $(DESTDIR)$(SYSCONFDIR)/swiftnbd/tls.conf.tmp $(DESTDIR)$(SYSCONFDIR)/swiftnbd/tls.conf
 	@if [ -z "$(DESTDIR)" ]; then \
 		echo "Next: systemd-sysusers && systemd-tmpfiles --create swiftnbd.conf && systemctl daemon-reload"; \
 		echo "      then write $(SYSCONFDIR)/swiftnbd/NAME.conf and systemctl enable --now swiftnbd@NAME"; \
@@ -81,6 +85,7 @@ uninstall:
 	rm -f $(DESTDIR)$(FIREWALLDSERVICEDIR)/swiftnbd.xml
 	rm -f $(DESTDIR)$(MANDIR)/man1/swiftnbd.1
 	rm -f $(DESTDIR)$(SYSCONFDIR)/swiftnbd/example.conf
+	rm -f $(DESTDIR)$(SYSCONFDIR)/swiftnbd/tls.conf
 	rmdir $(DESTDIR)$(SYSCONFDIR)/swiftnbd 2>/dev/null || true
 
 test:

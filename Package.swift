@@ -18,6 +18,7 @@ let package = Package(
         .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
+        .systemLibrary(name: "CGnuTLS", pkgConfig: "gnutls", providers: [.apt(["libgnutls28-dev"])]),
 
         // Bytes <-> NBD messages. No I/O, no Foundation.
         .target(name: "NBDProtocol", swiftSettings: swiftSettings),
@@ -29,15 +30,17 @@ let package = Package(
         // The qcow2 image engine. Knows nothing of NBD.
         .target(name: "QCOW2", dependencies: ["BlockDevice", "SystemIO", "CZlib", "CZstd"],
                 swiftSettings: swiftSettings),
+        // TLS sessions and credentials over GnuTLS. Knows nothing of NBD.
+        .target(name: "TLS", dependencies: ["CGnuTLS", "SystemIO"], swiftSettings: swiftSettings),
         // Listener, connections, handshake and transmission.
         .target(name: "NBDServer",
-                dependencies: ["NBDProtocol", "BlockDevice", "SystemIO",
+                dependencies: ["NBDProtocol", "BlockDevice", "SystemIO", "TLS",
                                .product(name: "Logging", package: "swift-log"),
                                .product(name: "DequeModule", package: "swift-collections")],
                 swiftSettings: swiftSettings),
         // Glue between the CLI and the modules: probing, configuration, refusals.
         .target(name: "SwiftNBDKit",
-                dependencies: ["NBDServer", "QCOW2", "BlockDevice", "SystemIO",
+                dependencies: ["NBDServer", "QCOW2", "BlockDevice", "SystemIO", "TLS",
                                .product(name: "Logging", package: "swift-log")],
                 swiftSettings: swiftSettings),
         .executableTarget(name: "swiftnbd",
@@ -50,7 +53,9 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["CLibNBD", "SystemIO", "NBDProtocol", "BlockDevice"], path: "Tests/TestSupport",
                 swiftSettings: swiftSettings),
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"], swiftSettings: swiftSettings),
-        .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "NBDProtocol", "BlockDevice", "TestSupport"],
+        .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "NBDProtocol", "BlockDevice", "TestSupport", "SystemIO"],
+                    swiftSettings: swiftSettings),
+        .testTarget(name: "SwiftNBDKitTests", dependencies: ["SwiftNBDKit", "NBDServer", "TLS", "SystemIO"],
                     swiftSettings: swiftSettings),
         .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "BlockDevice", "TestSupport"],
                     swiftSettings: swiftSettings),

@@ -130,6 +130,57 @@ def bench_read(name, image, fmt, size, repeat):
     report(f"{name}: nbdcopy --no-extents URI null: ({size >> 20} MiB)", "MiB/s", results)
 
 
+def make_x509(work):
+    """A CA and a server certificate for 127.0.0.1, made with certtool, in work/pki."""
+    pki = os.path.join(work, "pki")
+    os.makedirs(pki)
+    run = lambda *a: subprocess.run(["certtool", *a], check=True, capture_output=True)
+    for name, lines in [("ca", ["cn = bench CA", "ca", "cert_signing_key"]),
+                        ("server", ["cn = 127.0.0.1", "ip_address = 127.0.0.1", "tls_www_server", "encryption_key",
+                                    "signing_key"])]:
+        with open(os.path.join(pki, name + ".info"), "w") as f:
+            f.write("\n".join(lines + ["expiration_days = 2"]) + "\n")
+    run("--generate-privkey", "--outfile", os.path.join(pki, "ca-key.pem"))
+    run("--generate-self-signed", "--load-privkey", os.path.join(pki, "ca-key.pem"),
+        "--template", os.path.join(pki, "ca.info"), "--outfile", os.path.join(pki, "ca-cert.pem"))
+    run("--generate-privkey", "--outfile", os.path.join(pki, "server-key.pem"))
+    run("--generate-certificate", "--load-privkey", os.path.join(pki, "server-key.pem"),
+        "--load-ca-certificate", os.path.join(pki, "ca-cert.pem"), "--load-ca-privkey", os.path.join(pki, "ca-key.pem"),
+        "--template", os.path.join(pki, "server.info"), "--outfile", os.path.join(pki, "server-cert.pem"))
+    return pki
+
+
+def bench_tls_read(work, size, repeat):
+    """nbdcopy reads of a fully random qcow2 (every byte crosses the wire), plaintext and over TLS
+    with X.509 credentials (no client certificates), swiftnbd and qemu-nbd, one connection each."""
+    raw = os.path.join(work, "random.raw")
+    with open(raw, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(os.urandom(1 << 20))
+    qcow = os.path.join(work, "random.qcow2")
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow], check=True)
+    os.unlink(raw)
+    pki = make_x509(work)
+    swift = lambda extra: lambda p: [SWIFTNBD, "-t", "-b", "127.0.0.1", "-p", str(p), "-f", "qcow2", "-r"] + extra + [qcow]
+    qemu = lambda extra: lambda p: ["qemu-nbd", "-t", "-b", "127.0.0.1", "-p", str(p), "-f", "qcow2", "-r",
+                                     "--cache=writeback", "--aio=threads"] + extra + [qcow]
+    qemu_tls = ["--object", f"tls-creds-x509,id=tls0,dir={pki},endpoint=server,verify-peer=off", "--tls-creds", "tls0"]
+    cases = [("swiftnbd", swift([]), False), ("qemu-nbd", qemu([]), False),
+             ("swiftnbd+tls", swift(["--tls-certificates", pki]), True), ("qemu-nbd+tls", qemu(qemu_tls), True)]
+    results = {}
+    for name, argv, tls in cases:
+        server = Server(name, argv)
+        uri = f"nbds://127.0.0.1:{server.port}/?tls-certificates={pki}" if tls else server.uri
+        try:
+            best = min(timed(["nbdcopy", "--no-extents", "--connections=1", uri, "null:"]) for _ in range(repeat))
+            results[name] = size / best / (1 << 20)
+        finally:
+            server.stop()
+    report(f"qcow2-tls-read: nbdcopy --no-extents --connections=1 URI null: ({size >> 20} MiB random)", "MiB/s",
+           results)
+    print(f"  TLS: swiftnbd+tls/qemu-nbd+tls = {results['swiftnbd+tls'] / results['qemu-nbd+tls']:.2f}")
+
+
 def bench_fio(name, image, fmt, rw, seconds, writable):
     results = {}
     for server_name, argv in servers_for(image, fmt, writable=writable, connections=1):
@@ -232,6 +283,8 @@ def main():
             bench_fio_write("qcow2-fio-write-empty", size, work, args.fio_seconds, None)
         if wanted("raw-fio"):
             bench_fio("raw-fio", raw, "raw", "randread", args.fio_seconds, False)
+        if wanted("qcow2-tls-read"):
+            bench_tls_read(work, size, args.repeat)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -3,6 +3,7 @@
 set -euo pipefail
 packages=(
     pkg-config zlib1g-dev libzstd-dev libnbd-dev    # build
+    libgnutls28-dev gnutls-bin                       # TLS; certtool and psktool make test credentials
     qemu-utils libnbd-bin python3-libnbd nbdkit fio # real NBD peers and reference servers
     systemd firewalld                                # unit verification, firewalld service check
     make man-db strace                               # make install test, man page checks, syscalls vs unit sandbox

@@ -45,6 +45,7 @@ final class Connection: @unchecked Sendable {
     private let deviceQueue = DeviceQueue()
     private let limits: ConnectionLimits
     private let handshakeTimeout: Double?
+    private let tls: TLSConfiguration
     private var logger: Logger
     let counters = TransferCounters()
 
@@ -68,7 +69,7 @@ final class Connection: @unchecked Sendable {
     private var writer: ReplyWriter!
 
     init(socket: Socket, peer: String, id: Int, exports: [Export], buffers: BufferPool, devices: DevicePool,
-         limits: ConnectionLimits, handshakeTimeout: Double?, logger: Logger) {
+         limits: ConnectionLimits, handshakeTimeout: Double?, tls: TLSConfiguration = .off, logger: Logger) {
         self.socket = socket
         self.peer = peer
         self.id = id
@@ -77,6 +78,7 @@ final class Connection: @unchecked Sendable {
         self.devices = devices
         self.limits = limits
         self.handshakeTimeout = handshakeTimeout
+        self.tls = tls
         self.logger = logger
         self.logger[metadataKey: "nbd.conn"] = "\(id)"
         self.logger[metadataKey: "nbd.peer"] = "\(peer)"
@@ -88,21 +90,26 @@ final class Connection: @unchecked Sendable {
     /// Serves the client until the connection ends; blocks the calling thread,
     /// which must be the connection's own.
     func run() {
-        var reader = SocketReader(socket: socket)
+        var reader = SocketReader(transport: .plain(socket))
         let deadline = handshakeTimeout.map { MonotonicClock.now() + UInt64($0 * 1e9) }
-        let handshake = Handshake(socket: socket, exports: exports, logger: logger, deadline: deadline)
+        let handshake = Handshake(socket: socket, exports: exports, tls: tls, logger: logger, deadline: deadline)
         let session: Session
         do {
             session = try handshake.run(&reader)
         } catch {
-            finish(reason: Self.describe(handshakeFailure: error))
+            if case Handshake.Failure.denied(let why) = error {
+                finish(reason: why, transport: reader.transport, refused: true)
+            } else {
+                finish(reason: Self.describe(handshakeFailure: error), transport: reader.transport)
+            }
             return
         }
         let export = exports[session.exportIndex]
         logger[metadataKey: "nbd.export"] = "\(export.name)"
+        let transport = reader.transport
         handler = RequestHandler(device: export.device, session: session, buffers: buffers, counters: counters,
                                  logger: logger)
-        writer = ReplyWriter(socket: socket, name: "nbd-send-\(id)", finished: { [unowned self] reply in
+        writer = ReplyWriter(transport: transport, name: "nbd-send-\(id)", finished: { [unowned self] reply in
             if case .pooled(let data) = reply.body { buffers.give(data) }
             release(reply.cost)
         }, failed: { [unowned self] error in
@@ -113,7 +120,7 @@ final class Connection: @unchecked Sendable {
             setStatus(.active)
             return true
         }) else {
-            finish(reason: "server stopping")
+            finish(reason: "server stopping", transport: transport)
             return
         }
         logger.debug("Transmission started", metadata: [
@@ -129,16 +136,28 @@ final class Connection: @unchecked Sendable {
             while pending.load(ordering: .sequentiallyConsistent) > 0 { changed.wait() }
         }
         writer.stop()
-        finish(reason: nil)
+        finish(reason: nil, transport: transport)
     }
 
-    private func finish(reason: String?) {
+    /// Closes the socket (after TLS's close_notify, if TLS runs) and logs why:
+    /// one warning line for a refused client, else an info line.
+    private func finish(reason: String?, transport: Transport, refused: Bool = false) {
+        if case .tls(let session) = transport {
+            // Only this thread closes the socket, and nothing else sends now; the
+            // timeout keeps a client that stopped reading from holding it long.
+            socket.setSendTimeout(seconds: 1)
+            session.close()
+        }
         let why = lock.withLock { () -> String in
             if socketOpen {
                 socketOpen = false
                 socket.close()
             }
             return endReason ?? reason ?? "closed"
+        }
+        if refused {
+            logger.warning("Connection refused", metadata: ["nbd.reason": "\(why)"])
+            return
         }
         logger.info("Connection closed", metadata: [
             "nbd.reason": "\(why)",
@@ -149,10 +168,11 @@ final class Connection: @unchecked Sendable {
 
     private static func describe(handshakeFailure error: any Error) -> String {
         switch error {
-        case Handshake.Failure.timedOut, SocketReader.Failure.system(.wouldBlock): "handshake timed out"
-        case Handshake.Failure.refused(let why): why
+        case Handshake.Failure.timedOut: "handshake timed out"
+        case SocketReader.Failure.failed(let failure) where failure.isTimeout: "handshake timed out"
+        case Handshake.Failure.refused(let why), Handshake.Failure.denied(let why): why
         case SocketReader.Failure.closed: "client closed the connection during the handshake"
-        case SocketReader.Failure.system(let errno): "handshake failed: \(errno)"
+        case SocketReader.Failure.failed(let failure): "handshake failed: \(failure)"
         default: "handshake failed: \(error)"
         }
     }
@@ -184,7 +204,7 @@ final class Connection: @unchecked Sendable {
             setStatus(target)
             return target == .dead
         }
-        if becameDead { writer?.fail(.connectionReset) }
+        if becameDead { writer?.fail(.system(.connectionReset)) }
     }
 
     // MARK: - Budget (the transmission reader's backpressure)

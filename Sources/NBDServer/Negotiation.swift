@@ -14,6 +14,17 @@ public struct Session: Sendable, Equatable {
     public var exportIndex = 0
 }
 
+/// Whether TLS is offered, and whether it is a must (qemu-nbd's `--tls-creds`
+/// makes it one; nbdkit's `--tls=on|require`).
+public enum TLSMode: String, Sendable, CaseIterable {
+    /// NBD_OPT_STARTTLS is refused (NOTLS in the spec).
+    case off
+    /// Clients may start TLS or stay in plaintext (SELECTIVETLS with no TLS-only export).
+    case on
+    /// Every option but STARTTLS and ABORT is refused until TLS runs (FORCEDTLS).
+    case require
+}
+
 /// The fixed newstyle option haggling, as a pure state machine: the
 /// connection feeds it each option and performs the action it returns.
 public struct Negotiation {
@@ -26,6 +37,9 @@ public struct Negotiation {
         case transmitAfterExportName([UInt8], Session)
         /// Send the replies, if any, then close the connection.
         case close([OptionReply], reason: String)
+        /// Send the replies (the ACK to NBD_OPT_STARTTLS), run the TLS
+        /// handshake, then call `tlsStarted()` and go on negotiating over TLS.
+        case startTLS([OptionReply])
     }
 
     /// The server's exports; the first is also the default (the empty name).
@@ -37,12 +51,27 @@ public struct Negotiation {
     /// The export name the last NBD_OPT_SET_META_CONTEXT chose contexts for.
     private var metaContextsFor: String?
     private var optionCount = 0
+    let tls: TLSMode
+    /// TLS has been started on this connection.
+    public private(set) var tlsActive = false
+    /// The client was told TLS is required (or asked for the export in plaintext) and hasn't started it.
+    public private(set) var refusedWithoutTLS = false
 
-    public init(exports: [Export], clientFlags: ClientFlags) {
+    public init(exports: [Export], clientFlags: ClientFlags, tls: TLSMode = .off) {
         precondition(!exports.isEmpty, "a server needs an export")
         self.exports = exports
+        self.tls = tls
         noZeroes = clientFlags.contains(.noZeroes)
         fixedNewstyle = clientFlags.contains(.fixedNewstyle)
+    }
+
+    /// TLS is up: everything agreed before it is forgotten (spec: NBD_OPT_STARTTLS),
+    /// since a man in the middle could have chosen it.
+    public mutating func tlsStarted() {
+        tlsActive = true
+        refusedWithoutTLS = false
+        session = Session()
+        metaContextsFor = nil
     }
 
     public mutating func received(_ option: OptionCode, payload: UnsafeRawBufferPointer) -> Action {
@@ -54,7 +83,15 @@ public struct Negotiation {
             // Such a client can't read option replies: the spec leaves only a disconnect, as qemu-nbd does.
             return .close([], reason: "client without fixed newstyle sent \(option)")
         }
+        if tls == .require && !tlsActive && option != .startTLS && option != .abort {
+            refusedWithoutTLS = true
+            // NBD_OPT_EXPORT_NAME can't be answered with an error; the spec leaves only a disconnect.
+            if option == .exportName { return .close([], reason: "client asked for the export without TLS") }
+            // INFO and GO are refused too, so nothing about the export leaks before TLS.
+            return .reply([.error(option, .errTLSRequired, "TLS is required")])
+        }
         switch option {
+        case .startTLS: return startTLS(payload)
         case .exportName: return exportName(payload)
         case .abort: return .close([.ack(option)], reason: "client sent NBD_OPT_ABORT")
         case .list: return list(payload)
@@ -68,6 +105,16 @@ public struct Negotiation {
     }
 
     // MARK: - One method per option
+
+    private func startTLS(_ payload: UnsafeRawBufferPointer) -> Action {
+        // qemu-nbd answers ERR_POLICY when it has no credentials.
+        guard tls != .off else { return .reply([.error(.startTLS, .errPolicy, "TLS is not configured")]) }
+        guard payload.isEmpty else {
+            return .reply([.error(.startTLS, .errInvalid, "NBD_OPT_STARTTLS takes no data")])
+        }
+        guard !tlsActive else { return .reply([.error(.startTLS, .errInvalid, "TLS is already active")]) }
+        return .startTLS([.ack(.startTLS)])
+    }
 
     private mutating func exportName(_ payload: UnsafeRawBufferPointer) -> Action {
         guard !session.extendedHeaders else {

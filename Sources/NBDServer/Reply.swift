@@ -36,21 +36,23 @@ struct Reply: @unchecked Sendable {
         }
     }
 
-    /// Sends what is left after `sent` bytes; returns the new count (see `Socket.send`).
-    mutating func send(on socket: Socket, alreadySent sent: Int, blocking: Bool) throws(Errno) -> Int {
+    /// Sends what is left after `sent` bytes; returns the new count (see `Transport.send`).
+    mutating func send(on transport: Transport, alreadySent sent: Int, blocking: Bool) throws(Transport.Failure) -> Int {
         let count = headerLength
         let body = self.body
-        return try withUnsafeBytes(of: &header) { (raw) throws(Errno) -> Int in
+        return try withUnsafeBytes(of: &header) { (raw) throws(Transport.Failure) -> Int in
             let head = UnsafeRawBufferPointer(rebasing: raw[..<count])
             switch body {
             case .none:
-                return try socket.send(head, UnsafeRawBufferPointer(start: nil, count: 0), alreadySent: sent,
-                                       blocking: blocking)
+                return try transport.send(head, UnsafeRawBufferPointer(start: nil, count: 0), alreadySent: sent,
+                                          blocking: blocking)
             case .pooled(let data):
-                return try socket.send(head, UnsafeRawBufferPointer(data), alreadySent: sent, blocking: blocking)
+                return try transport.send(head, UnsafeRawBufferPointer(data), alreadySent: sent, blocking: blocking)
             case .bytes(let bytes):
                 let result = bytes.withUnsafeBytes { b in
-                    Result { () throws(Errno) in try socket.send(head, b, alreadySent: sent, blocking: blocking) }
+                    Result { () throws(Transport.Failure) in
+                        try transport.send(head, b, alreadySent: sent, blocking: blocking)
+                    }
                 }
                 return try result.get()
             }

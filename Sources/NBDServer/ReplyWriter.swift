@@ -8,15 +8,17 @@ import SystemIO
 /// queue meanwhile; when the socket's buffer fills, the connection's own
 /// writer thread takes over with blocking sends until the queue is empty.
 /// So replies go out with no thread switch while the client keeps up, and a
-/// client that stops reading parks only its writer thread.
+/// client that stops reading parks only its writer thread. Over TLS a record
+/// the socket took in part must be finished by the same caller, so there the
+/// writer thread sends everything.
 ///
 /// Every reply given to the writer comes back exactly once through
 /// `finished`, sent or dropped, so buffers and budget are always returned.
 final class ReplyWriter: @unchecked Sendable {
-    private let socket: Socket
+    private let transport: Transport
     private let name: String
     private let finished: @Sendable (Reply) -> Void
-    private let failed: @Sendable (Errno) -> Void
+    private let failed: @Sendable (Transport.Failure) -> Void
 
     private let lock = Lock()
     private let wake: Condition
@@ -34,9 +36,9 @@ final class ReplyWriter: @unchecked Sendable {
 
     /// `finished` gets each reply once it is sent or dropped; `failed` is told
     /// once when a send fails (the client is gone).
-    init(socket: Socket, name: String, finished: @escaping @Sendable (Reply) -> Void,
-         failed: @escaping @Sendable (Errno) -> Void) {
-        self.socket = socket
+    init(transport: Transport, name: String, finished: @escaping @Sendable (Reply) -> Void,
+         failed: @escaping @Sendable (Transport.Failure) -> Void) {
+        self.transport = transport
         self.name = name
         self.finished = finished
         self.failed = failed
@@ -57,8 +59,19 @@ final class ReplyWriter: @unchecked Sendable {
             return
         }
         sending = true
-        send(blocking: false)
+        if transport.sendsWithoutBlocking {
+            send(blocking: false)
+        } else {
+            handToWriter()
+        }
         lock.unlock()
+    }
+
+    /// The writer thread becomes the sender. Called with the lock held.
+    private func handToWriter() {
+        writerOwns = true
+        startThreadIfNeeded()
+        wake.signal()
     }
 
     /// Sends the queue in order until it is empty, the socket is full (without
@@ -70,8 +83,8 @@ final class ReplyWriter: @unchecked Sendable {
             let alreadySent = headSent
             headSent = 0
             lock.unlock()
-            let result = Result { () throws(Errno) in
-                try head.send(on: socket, alreadySent: alreadySent, blocking: blocking)
+            let result = Result { () throws(Transport.Failure) in
+                try head.send(on: transport, alreadySent: alreadySent, blocking: blocking)
             }
             lock.lock()
             switch result {
@@ -79,9 +92,7 @@ final class ReplyWriter: @unchecked Sendable {
                 // The socket is full: the writer thread goes on from here with blocking sends.
                 queue.prepend(head)
                 headSent = sent
-                writerOwns = true
-                startThreadIfNeeded()
-                wake.signal()
+                handToWriter()
                 return
             case .success:
                 lock.unlock()
@@ -99,7 +110,7 @@ final class ReplyWriter: @unchecked Sendable {
     }
 
     /// Drops everything queued and refuses what comes later (the client is gone).
-    func fail(_ error: Errno) {
+    func fail(_ error: Transport.Failure) {
         let dropped = lock.withLock { () -> Deque<Reply>? in
             guard !broken else { return nil }
             broken = true

@@ -44,6 +44,10 @@ public struct ServerConfiguration: Sendable {
     public var deviceThreads: Int = DevicePool.defaultThreadCount
     /// Most bytes of idle I/O buffers kept for reuse.
     public var bufferPoolBudget: Int = 64 << 20
+    /// NBD_OPT_STARTTLS, and who may come in over TLS.
+    public var tls: TLSConfiguration = .off
+    /// TCP clients let in; nil lets in every address.
+    public var allowedAddresses: AddressAllowList?
 
     public init(maxConnections: Int = 1, persistent: Bool = false, handshakeTimeout: Double? = 10) {
         self.maxConnections = maxConnections
@@ -152,14 +156,22 @@ public final class Server: @unchecked Sendable {
 
     private func acceptPending(on listener: Socket) {
         while !stopping && !acceptPaused && connections.count < connectionLimit {
-            let accepted: (Socket, String)?
+            let accepted: (Socket, String, IPAddress?)?
             do {
                 accepted = try listener.accept()
             } catch {
                 acceptFailed(error)
                 return
             }
-            guard let (socket, peer) = accepted else { return }
+            guard let (socket, peer, address) = accepted else { return }
+            if let allowed = configuration.allowedAddresses, let address, !allowed.allows(address) {
+                // Refused before any handshake work; the client just sees the connection close.
+                logger.warning("Connection refused", metadata: [
+                    "nbd.peer": "\(peer)", "nbd.reason": "address \(address.unmapped) is not on the allow-list",
+                ])
+                socket.close()
+                continue
+            }
             socket.setNonBlocking(false)
             socket.setNoDelay()
             // Unix sockets' default send buffer is small; qemu measured large gains from 2 MiB.
@@ -198,7 +210,8 @@ public final class Server: @unchecked Sendable {
         servedAny = true
         let connection = Connection(socket: socket, peer: peer, id: id, exports: exports, buffers: buffers,
                                     devices: devices, limits: configuration.connectionLimits,
-                                    handshakeTimeout: configuration.handshakeTimeout, logger: logger)
+                                    handshakeTimeout: configuration.handshakeTimeout, tls: configuration.tls,
+                                    logger: logger)
         connections[ObjectIdentifier(connection)] = connection
         logger.info("Connection opened", metadata: ["nbd.conn": "\(id)", "nbd.peer": "\(peer)"])
         OSThread.detach(name: "nbd-conn-\(id)") { [self] in

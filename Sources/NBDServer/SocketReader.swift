@@ -1,25 +1,34 @@
-import SystemIO
-
-/// Buffered blocking reads from a socket: small headers come out of one
-/// `recv` of up to 64 KiB, large payloads go straight into their buffer.
+/// Buffered blocking reads from a connection's transport: small headers come
+/// out of one read of up to 64 KiB, large payloads go straight into their buffer.
 struct SocketReader: ~Copyable {
     enum Failure: Error {
         /// The peer closed the connection (cleanly, between messages, if `atBoundary`).
         case closed(atBoundary: Bool)
-        case system(Errno)
+        case failed(Transport.Failure)
     }
 
-    let socket: Socket
+    private(set) var transport: Transport
     private let buffer: UnsafeMutableRawBufferPointer
     private var start = 0
     private var end = 0
 
-    init(socket: Socket, capacity: Int = 64 * 1024) {
-        self.socket = socket
+    init(transport: Transport, capacity: Int = 64 * 1024) {
+        self.transport = transport
         buffer = .allocate(byteCount: capacity, alignment: 16)
     }
 
     deinit { buffer.deallocate() }
+
+    /// Whether bytes were read ahead of what has been asked for.
+    var hasBufferedBytes: Bool { start < end }
+
+    /// Reads from `transport` from now on (TLS has started). Bytes read ahead
+    /// in plaintext must not be taken as if they had come over TLS, so the
+    /// caller checks `hasBufferedBytes` first.
+    mutating func switchTransport(to transport: Transport) {
+        precondition(!hasBufferedBytes)
+        self.transport = transport
+    }
 
     /// Fills `destination` completely.
     mutating func readExactly(into destination: UnsafeMutableRawBufferPointer) throws(Failure) {
@@ -63,9 +72,9 @@ struct SocketReader: ~Copyable {
     private func receive(into destination: UnsafeMutableRawBufferPointer, atBoundary: Bool) throws(Failure) -> Int {
         let n: Int
         do {
-            n = try socket.readSome(into: destination)
+            n = try transport.receive(into: destination)
         } catch {
-            throw .system(error)
+            throw .failed(error)
         }
         if n == 0 { throw .closed(atBoundary: atBoundary) }
         return n

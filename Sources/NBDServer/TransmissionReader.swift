@@ -147,8 +147,8 @@ struct TransmissionReader {
         switch failure {
         case .closed(let atBoundary):
             Ending(status: .dead, reason: "client closed the connection" + (atBoundary ? "" : " mid-request"))
-        case .system(let errno):
-            Ending(status: .dead, reason: "read failed: \(errno)")
+        case .failed(let failure):
+            Ending(status: .dead, reason: "read failed: \(failure)")
         }
     }
 

@@ -156,8 +156,9 @@ public struct Socket: Sendable, Hashable {
         _ = fcntl(rawValue, F_SETFL, on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK)
     }
 
-    /// Accepts one pending connection; nil when none is waiting on a non-blocking socket.
-    public func accept() throws(Errno) -> (Socket, String)? {
+    /// Accepts one pending connection: the socket, the peer as text, and its IP address
+    /// (nil for a Unix socket). nil when none is waiting on a non-blocking socket.
+    public func accept() throws(Errno) -> (Socket, String, IPAddress?)? {
         var storage = sockaddr_storage()
         var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
         let fd = withUnsafeMutablePointer(to: &storage) {
@@ -169,7 +170,21 @@ public struct Socket: Sendable, Hashable {
             if errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ECONNABORTED { return nil }
             throw Errno.current
         }
-        return (Socket(rawValue: fd), Self.describe(&storage))
+        return (Socket(rawValue: fd), Self.describe(&storage), Self.address(&storage))
+    }
+
+    static func address(_ storage: inout sockaddr_storage) -> IPAddress? {
+        switch Int32(storage.ss_family) {
+        case AF_INET:
+            withUnsafePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { IPAddress($0.pointee.sin_addr) }
+            }
+        case AF_INET6:
+            withUnsafePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { IPAddress($0.pointee.sin6_addr) }
+            }
+        default: nil
+        }
     }
 
     /// The local port of a bound TCP socket.

@@ -84,6 +84,43 @@ struct SwiftNBD: ParsableCommand {
     @Option(name: .customLong("aio"), help: "Accepted for qemu-nbd compatibility.")
     var aio: String?
 
+    @Option(name: .customLong("object"),
+            help: ArgumentHelp("A qemu object: tls-creds-x509 or tls-creds-psk (id=,dir=,endpoint=server), or authz-simple (id=,identity=).",
+                               valueName: "TYPE,id=ID,..."))
+    var objects: [String] = []
+
+    @Option(name: .customLong("tls-creds"), help: ArgumentHelp("Require TLS with the credentials object ID.", valueName: "ID"))
+    var tlsCreds: String?
+
+    @Option(name: .customLong("tls-authz"),
+            help: ArgumentHelp("Let in only the client identity of the authz-simple object ID.", valueName: "ID"))
+    var tlsAuthz: String?
+
+    @Option(name: .customLong("tls"),
+            help: "off, on (TLS offered) or require (default when credentials are given).")
+    var tls: TLSMode?
+
+    @Option(name: .customLong("tls-certificates"),
+            help: ArgumentHelp("X.509 credentials: DIR holds server-cert.pem, server-key.pem and ca-cert.pem.",
+                               valueName: "DIR"))
+    var tlsCertificates: String?
+
+    @Option(name: .customLong("tls-psk"), help: ArgumentHelp("Pre-shared keys: username:hexkey lines (psktool).",
+                                                             valueName: "FILE"))
+    var tlsPSK: String?
+
+    @Flag(name: .customLong("tls-verify-peer"), help: "Require a client certificate signed by ca-cert.pem.")
+    var tlsVerifyPeer = false
+
+    @Option(name: .customLong("tls-allow-identity"),
+            help: ArgumentHelp("Let in only this certificate DN or PSK username (repeatable).", valueName: "NAME"))
+    var tlsAllowIdentity: [String] = []
+
+    @Option(name: .customLong("allow-address"),
+            help: ArgumentHelp("Let in only TCP clients from these addresses (repeatable, comma-separated).",
+                               valueName: "ADDR[/PREFIX]"))
+    var allowAddress: [String] = []
+
     @Flag(name: [.customShort("v"), .long], help: "Log connections (info level).")
     var verbose = false
 
@@ -112,6 +149,25 @@ struct SwiftNBD: ParsableCommand {
         guard exportName.utf8.count <= 4096, description.utf8.count <= 4096 else {
             throw ValidationError("export names and descriptions are limited to 4096 bytes")
         }
+        do {
+            _ = try SwiftNBDKit.plan(accessOptions)
+        } catch {
+            throw ValidationError(error.description)
+        }
+    }
+
+    private var accessOptions: AccessOptions {
+        var options = AccessOptions()
+        options.objects = objects
+        options.tlsCreds = tlsCreds
+        options.tlsAuthz = tlsAuthz
+        options.tls = tls
+        options.tlsCertificates = tlsCertificates
+        options.tlsPSK = tlsPSK
+        options.tlsVerifyPeer = tlsVerifyPeer
+        options.allowedIdentities = tlsAllowIdentity
+        options.allowedAddresses = allowAddress
+        return options
     }
 
     func run() throws {
@@ -139,6 +195,9 @@ struct SwiftNBD: ParsableCommand {
             // The parent only waits for the child to say it is listening.
             throw ExitCode(try Daemon.spawnAndWait())
         }
+        // Checked in validate(); credentials are read before the image is opened or a port bound.
+        let access = try SwiftNBDKit.plan(accessOptions)
+        let tlsConfiguration = try SwiftNBDKit.tlsConfiguration(access)
         // Settings every export shares; the positional image adds its own.
         var common = ExportOptions(path: "")
         common.allocationDepth = allocationDepth
@@ -173,10 +232,11 @@ struct SwiftNBD: ParsableCommand {
             listening = "\(bind ?? "*") port=\(listeners.first?.localPort() ?? port)"
         }
 
-        let server = Server(exports: exports,
-                            configuration: ServerConfiguration(maxConnections: shared, persistent: persistent,
-                                                               handshakeTimeout: handshakeTimeout > 0 ? handshakeTimeout : nil),
-                            logger: logger)
+        var configuration = ServerConfiguration(maxConnections: shared, persistent: persistent,
+                                                handshakeTimeout: handshakeTimeout > 0 ? handshakeTimeout : nil)
+        configuration.tls = tlsConfiguration
+        configuration.allowedAddresses = access.allowedAddresses
+        let server = Server(exports: exports, configuration: configuration, logger: logger)
         let signals = SignalHandling.install(stop: { signal in
             logger.info("Stopping on signal \(signal)")
             server.stop()
@@ -204,4 +264,5 @@ struct SwiftNBD: ParsableCommand {
 extension ImageFormat: ExpressibleByArgument {}
 extension DiscardPolicy: ExpressibleByArgument {}
 extension ZeroDetection: ExpressibleByArgument {}
+extension TLSMode: ExpressibleByArgument {}
 extension Logger.Level: @retroactive ExpressibleByArgument {}

@@ -16,6 +16,7 @@ import TestSupport
         "usr/local/share/man/man1/swiftnbd.1",
         "etc/firewalld/services/swiftnbd.xml",
         "etc/swiftnbd/example.conf",
+        "etc/swiftnbd/tls.conf",
     ]
 
     static func make(_ arguments: [String]) throws {
@@ -75,8 +76,11 @@ import TestSupport
 
         let unitDir = root.file("usr/lib/systemd/system")
         let template = try String(contentsOfFile: unitDir + "/swiftnbd@.service", encoding: .utf8)
-        #expect(template.contains("ExecStart=\(root.file("usr/bin/swiftnbd")) $SWIFTNBD_OPTS ${IMAGE}\n"))
+        #expect(template.contains("ExecStart=\(root.file("usr/bin/swiftnbd")) $SWIFTNBD_OPTS $SWIFTNBD_TLS_OPTS ${IMAGE}\n"))
         #expect(template.contains("EnvironmentFile=\(root.file("etc/swiftnbd"))/%i.conf\n"))
+        // The TLS drop-in reads its keys from the installed config folder.
+        let dropIn = try String(contentsOfFile: root.file("etc/swiftnbd/tls.conf"), encoding: .utf8)
+        #expect(dropIn.contains("LoadCredential=server-key.pem:\(root.file("etc/swiftnbd"))/tls/server-key.pem\n"))
         #expect(FileManager.default.fileExists(atPath: root.file("etc/firewalld/services/swiftnbd.xml")))
 
         try FileManager.default.copyItem(atPath: unitDir + "/swiftnbd@.service",

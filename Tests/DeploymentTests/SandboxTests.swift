@@ -49,7 +49,8 @@ import TestSupport
     }
 
     /// Serves a qcow2 image the way swiftnbd@.service runs it, under `strace -f`: reads,
-    /// writes into new clusters, a flush, a client dropped by the handshake timeout, SIGTERM.
+    /// writes into new clusters, a flush, a read over TLS, a client dropped by the handshake
+    /// timeout, SIGTERM.
     /// Returns the trace.
     static func traceServeSession(scratch: TemporaryDirectory, image: String) throws -> String {
         try ImageFactory.create(image, format: "qcow2", size: "64M")
@@ -59,7 +60,8 @@ import TestSupport
         let strace = try SpawnedProcess(
             "/usr/bin/strace",
             ["-f", "-qq", "-o", trace, Paths.serverBinary,
-             "-t", "-v", "-p", "\(port)", "-b", "127.0.0.1", "--handshake-timeout", "1", image],
+             "-t", "-v", "-p", "\(port)", "-b", "127.0.0.1", "--handshake-timeout", "1",
+             "--tls=on", "--tls-certificates", TLSFixture.shared.x509, image],
             logPath: scratch.file("server.log"))
         defer { strace.stop() }
 
@@ -68,6 +70,9 @@ import TestSupport
         try client.pwrite([UInt8](repeating: 0xa5, count: 1 << 20), offset: 32 << 20)
         try client.flush()
         try client.disconnect()
+        let overTLS = try NBDClient(uri: TLSFixture.shared.x509URI(port: Int(port)))
+        #expect(try overTLS.pread(count: 65536, offset: 0) == [UInt8](repeating: 0x5a, count: 65536))
+        try overTLS.disconnect()
         let silent = try RawClient(port: Int(port))
         #expect(silent.readUntilClosed(timeout: .seconds(10)).closed)
 

@@ -26,7 +26,8 @@ import TestSupport
     @Test func shippedUnitsNameTheBinaryTheMakefileInstalls() throws {
         for name in Paths.unitNames where name.hasSuffix(".service") {
             let text = try String(contentsOfFile: Paths.repo("systemd/\(name)"), encoding: .utf8)
-            #expect(text.contains("ExecStart=\(Paths.shippedBinaryPath) $SWIFTNBD_OPTS ${IMAGE}\n"), "\(name)")
+            #expect(text.contains("ExecStart=\(Paths.shippedBinaryPath) $SWIFTNBD_OPTS $SWIFTNBD_TLS_OPTS ${IMAGE}\n"),
+                    "\(name)")
         }
     }
 
@@ -42,6 +43,48 @@ import TestSupport
         // verify exits 0 on unknown keys and bad values; they only show up as warnings.
         #expect(result.stderr.isEmpty, "\(result.stderr)")
         #expect(result.stdout.isEmpty, "\(result.stdout)")
+    }
+
+    /// The TLS drop-in loads cleanly on an instance, next to the units (as under /etc/systemd/system).
+    @Test func tlsDropInVerifiesWithoutWarnings() throws {
+        let scratch = try Self.stage()
+        try FileManager.default.copyItem(atPath: scratch.file("swiftnbd@.service"),
+                                         toPath: scratch.file("swiftnbd@centos6.service"))
+        try FileManager.default.createDirectory(atPath: scratch.file("swiftnbd@centos6.service.d"),
+                                                withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: Paths.repo("systemd/tls.conf"),
+                                         toPath: scratch.file("swiftnbd@centos6.service.d/tls.conf"))
+        let result = try Self.verify([scratch.file("swiftnbd@centos6.service")], manPath: scratch.file("man"))
+        #expect(result.status == 0 && result.stderr.isEmpty && result.stdout.isEmpty, "\(result.stderr)")
+    }
+
+    /// What systemd does with the drop-in, done by hand: each LoadCredential=ID:PATH file is copied
+    /// to the credentials directory as ID, %d becomes that directory, and the server started with
+    /// $SWIFTNBD_TLS_OPTS serves a TLS client. So the credential names are the files the server reads.
+    @Test func tlsDropInCredentialsServeATLSClient() throws {
+        let tls = TLSFixture.shared
+        let scratch = try TemporaryDirectory("swiftnbd-credentials")
+        let credentials = scratch.file("credentials")
+        try FileManager.default.createDirectory(atPath: credentials, withIntermediateDirectories: true)
+        let lines = try String(contentsOfFile: Paths.repo("systemd/tls.conf"), encoding: .utf8).split(separator: "\n")
+        let loads = lines.filter { $0.hasPrefix("LoadCredential=") }.map { $0.dropFirst("LoadCredential=".count) }
+        #expect(loads.count == 3)
+        for load in loads {
+            let parts = load.split(separator: ":", maxSplits: 1).map(String.init)
+            #expect(parts[1].hasPrefix("/etc/swiftnbd/tls/"), "keys live in /etc/swiftnbd/tls: \(load)")
+            let source = tls.x509 + "/" + URL(fileURLWithPath: parts[1]).lastPathComponent
+            try FileManager.default.copyItem(atPath: source, toPath: credentials + "/" + parts[0])
+        }
+        let environment = try #require(lines.first { $0.hasPrefix("Environment=SWIFTNBD_TLS_OPTS=") })
+        let options = environment.dropFirst("Environment=SWIFTNBD_TLS_OPTS=".count)
+            .replacingOccurrences(of: "%d", with: credentials).split(separator: " ").map(String.init)
+        let image = scratch.file("disk.raw")
+        try ImageFactory.create(image, format: "raw", size: "1M")
+        let server = try ServerProcess(["-t"] + options + [image])
+        let plain = try Tools.run("nbdinfo", [server.uri])
+        #expect(!plain.succeeded, "the drop-in makes TLS required")
+        let info = try Tools.check("nbdinfo", ["--json", "nbds://127.0.0.1:\(server.port)/?tls-certificates=\(tls.x509)"])
+        #expect(info.contains("\"TLS\": true"))
     }
 
     /// The check above has teeth: a missing binary or man page fails it.

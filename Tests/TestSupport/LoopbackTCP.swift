@@ -26,6 +26,40 @@ public enum LoopbackTCP {
         return listener.port
     }
 
+    /// A connection to 127.0.0.1:`port` from another loopback address (Linux routes all of
+    /// 127.0.0.0/8 to lo), for tests of address allow-lists.
+    public static func connect(port: Int, from source: String) throws -> Socket {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw Errno.current }
+        func address(_ host: String, _ port: Int) -> sockaddr_in {
+            var a = sockaddr_in()
+            a.sin_family = sa_family_t(AF_INET)
+            a.sin_port = UInt16(port).bigEndian
+            inet_pton(AF_INET, host, &a.sin_addr)
+            return a
+        }
+        var local = address(source, 0), remote = address("127.0.0.1", port)
+        let size = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let ok = withUnsafePointer(to: &local) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, size) == 0 }
+        } && withUnsafePointer(to: &remote) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, size) == 0 }
+        }
+        guard ok else {
+            let error = Errno.current
+            Glibc.close(fd)
+            throw error
+        }
+        return Socket(rawValue: fd)
+    }
+
+    /// Whether this machine has IPv6 loopback (::1) to listen on.
+    public static let hasIPv6Loopback: Bool = {
+        guard let sockets = try? Socket.listenTCP(host: "::1", port: 0, backlog: 1) else { return false }
+        sockets.forEach { $0.close() }
+        return true
+    }()
+
     /// True if something accepts connections on `port` now (one attempt).
     public static func isListening(port: UInt16) -> Bool {
         guard let socket = try? Socket.connectTCP(host: "127.0.0.1", port: Int(port)) else { return false }

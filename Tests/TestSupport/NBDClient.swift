@@ -40,6 +40,8 @@ public final class NBDClient {
         handle = h
         self.timeout = timeout
         nbd_set_request_structured_replies(h, structuredReplies)
+        // nbds:// URIs name credential files (tls-certificates=, tls-psk-file=); tests' URIs are trusted.
+        nbd_set_uri_allow_local_file(h, true)
         for context in metaContexts { nbd_add_meta_context(h, context) }
         let what = "connect to \(uri)"
         guard nbd_aio_connect_uri(h, uri) == 0 else { throw NBDClientError.last(what) }

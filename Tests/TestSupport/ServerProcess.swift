@@ -49,6 +49,17 @@ public final class ServerProcess: @unchecked Sendable {
         }
     }
 
+    /// Waits (bounded) until the log has `count` lines containing `needle`; returns those seen.
+    @discardableResult
+    public func waitForLog(_ needle: String, count: Int = 1, timeout: TimeInterval = 10) -> [String] {
+        let deadline = Date().addingTimeInterval(timeout)
+        while true {
+            let lines = log.split(separator: "\n").filter { $0.contains(needle) }.map(String.init)
+            if lines.count >= count || Date() >= deadline { return lines }
+            usleep(10_000)
+        }
+    }
+
     /// Everything the server has written to stdout and stderr so far.
     public var log: String { process.log }
 
