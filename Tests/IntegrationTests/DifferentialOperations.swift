@@ -86,7 +86,8 @@ indirect enum DifferentialOperation: CustomStringConvertible, Sendable {
             case 0..<4: offset = Int.random(in: 0...(size - length), using: &rng)
             case 4..<6: offset = Int.random(in: 0...(size / cluster), using: &rng) * cluster   // aligned
             case 6..<8:  // straddles a cluster boundary
-                offset = Int.random(in: 0...(size / cluster), using: &rng) * cluster - Int.random(in: 1...min(length, 4096), using: &rng)
+                let boundary = Int.random(in: 0...(size / cluster), using: &rng) * cluster
+                offset = boundary - Int.random(in: 1...min(length, 4096), using: &rng)
             default: offset = hot + Int.random(in: -2 * cluster...2 * cluster, using: &rng)
             }
             return (max(0, min(offset, size - length)), length)
