@@ -74,6 +74,7 @@ public final class NBDClient {
     public var canFlush: Bool { nbd_can_flush(handle) == 1 }
     public var canTrim: Bool { nbd_can_trim(handle) == 1 }
     public var canZero: Bool { nbd_can_zero(handle) == 1 }
+    public var canFastZero: Bool { nbd_can_fast_zero(handle) == 1 }
     public var canMultiConn: Bool { nbd_can_multi_conn(handle) == 1 }
     public var structuredReplies: Bool { nbd_get_structured_replies_negotiated(handle) == 1 }
     public func canMetaContext(_ name: String) -> Bool { nbd_can_meta_context(handle, name) == 1 }
@@ -111,8 +112,8 @@ public final class NBDClient {
         try run("flush") { nbd_aio_flush(handle, Self.noCompletion, 0) }
     }
 
-    public func trim(count: UInt64, offset: UInt64) throws {
-        try run("trim \(count)@\(offset)") { nbd_aio_trim(handle, count, offset, Self.noCompletion, 0) }
+    public func trim(count: UInt64, offset: UInt64, flags: UInt32 = 0) throws {
+        try run("trim \(count)@\(offset)") { nbd_aio_trim(handle, count, offset, Self.noCompletion, flags) }
     }
 
     public func zero(count: UInt64, offset: UInt64, flags: UInt32 = 0) throws {
