@@ -85,7 +85,8 @@ extension SwiftNBDKit {
             identities.append(identity)
         }
         if !identities.isEmpty {
-            guard plan.mode != .off else { throw UsageError("an identity allow-list needs TLS") }
+            // With --tls=on a plaintext client would walk past the list.
+            guard plan.mode == .require else { throw UsageError("an identity allow-list needs TLS required") }
             // An unverified certificate's name proves nothing.
             if case .x509(_, let verifyPeer) = plan.credentials, !verifyPeer {
                 throw UsageError("an identity allow-list with certificates needs verify-peer (--tls-verify-peer)")

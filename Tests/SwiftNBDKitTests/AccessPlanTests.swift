@@ -72,6 +72,7 @@ import TLS
         "two credentials",
         "identities with unverified certificates",
         "identities without TLS",
+        "identities with TLS optional",
         "unknown object type",
         "bad address",
     ])
@@ -95,6 +96,10 @@ import TLS
                     o.tlsCertificates = "/d"
                     o.allowedIdentities = ["CN=x"]
                 case "identities without TLS": o.allowedIdentities = ["alice"]
+                case "identities with TLS optional":
+                    o.tlsPSK = "/k"
+                    o.tls = .on
+                    o.allowedIdentities = ["alice"]
                 case "unknown object type": o.objects = ["secret,id=s,data=x"]
                 default: o.allowedAddresses = ["10.0.0.0/40"]
                 }
