@@ -12,6 +12,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-collections", from: "1.1.0"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // C libraries, through pkg-config.
@@ -35,13 +37,20 @@ let package = Package(
                                .product(name: "Logging", package: "swift-log"),
                                .product(name: "DequeModule", package: "swift-collections")],
                 swiftSettings: swiftSettings),
+        // Counters fed by the server and the image engine, written as a Prometheus text file.
+        .target(name: "NBDMetrics",
+                dependencies: ["NBDServer", "NBDProtocol", "BlockDevice", "SystemIO",
+                               .product(name: "CoreMetrics", package: "swift-metrics"),
+                               .product(name: "Prometheus", package: "swift-prometheus"),
+                               .product(name: "Logging", package: "swift-log")],
+                swiftSettings: swiftSettings),
         // Glue between the CLI and the modules: probing, configuration, refusals.
         .target(name: "SwiftNBDKit",
                 dependencies: ["NBDServer", "QCOW2", "BlockDevice", "SystemIO",
                                .product(name: "Logging", package: "swift-log")],
                 swiftSettings: swiftSettings),
         .executableTarget(name: "swiftnbd",
-                          dependencies: ["SwiftNBDKit", "BlockDevice",
+                          dependencies: ["SwiftNBDKit", "BlockDevice", "NBDMetrics",
                                          .product(name: "ArgumentParser", package: "swift-argument-parser"),
                                          .product(name: "Logging", package: "swift-log")],
                           swiftSettings: swiftSettings),

@@ -45,6 +45,7 @@ final class Connection: @unchecked Sendable {
     private let deviceQueue = DeviceQueue()
     private let limits: ConnectionLimits
     private let handshakeTimeout: Double?
+    private let observer: (any ServerObserver)?
     private var logger: Logger
     let counters = TransferCounters()
 
@@ -64,7 +65,8 @@ final class Connection: @unchecked Sendable {
     private var writer: ReplyWriter!
 
     init(socket: Socket, peer: String, id: Int, export: Export, buffers: BufferPool, devices: DevicePool,
-         limits: ConnectionLimits, handshakeTimeout: Double?, logger: Logger) {
+         limits: ConnectionLimits, handshakeTimeout: Double?, logger: Logger,
+         observer: (any ServerObserver)? = nil) {
         self.socket = socket
         self.peer = peer
         self.id = id
@@ -73,6 +75,7 @@ final class Connection: @unchecked Sendable {
         self.devices = devices
         self.limits = limits
         self.handshakeTimeout = handshakeTimeout
+        self.observer = observer
         self.logger = logger
         self.logger[metadataKey: "nbd.conn"] = "\(id)"
         self.logger[metadataKey: "nbd.peer"] = "\(peer)"
@@ -91,6 +94,7 @@ final class Connection: @unchecked Sendable {
         do {
             session = try handshake.run(&reader)
         } catch {
+            observer?.handshakeFailed(Self.classify(handshakeFailure: error))
             finish(reason: Self.describe(handshakeFailure: error))
             return
         }
@@ -141,10 +145,20 @@ final class Connection: @unchecked Sendable {
     private static func describe(handshakeFailure error: any Error) -> String {
         switch error {
         case Handshake.Failure.timedOut, SocketReader.Failure.system(.wouldBlock): "handshake timed out"
-        case Handshake.Failure.refused(let why): why
+        case Handshake.Failure.refused(let why), Handshake.Failure.aborted(let why): why
         case SocketReader.Failure.closed: "client closed the connection during the handshake"
         case SocketReader.Failure.system(let errno): "handshake failed: \(errno)"
         default: "handshake failed: \(error)"
+        }
+    }
+
+    private static func classify(handshakeFailure error: any Error) -> HandshakeFailureReason {
+        switch error {
+        case Handshake.Failure.timedOut, SocketReader.Failure.system(.wouldBlock): .timeout
+        case Handshake.Failure.aborted: .clientAborted
+        case Handshake.Failure.refused: .refused
+        case SocketReader.Failure.closed: .clientClosed
+        default: .ioError
         }
     }
 
@@ -206,7 +220,9 @@ final class Connection: @unchecked Sendable {
 
     /// Runs a request on a device thread; called for requests that passed validation.
     func submit(_ request: Request, payload: UnsafeMutableRawBufferPointer?, cost: Int) {
-        devices.submit(DeviceJob(connection: self, request: request, payload: payload, cost: cost), to: deviceQueue)
+        var job = DeviceJob(connection: self, request: request, payload: payload, cost: cost)
+        if observer != nil { job.received = MonotonicClock.now() }
+        devices.submit(job, to: deviceQueue)
     }
 
     /// Answers a request that failed validation, without touching the device.
@@ -214,8 +230,11 @@ final class Connection: @unchecked Sendable {
         logger.debug("Invalid request", metadata: [
             "nbd.cmd": "\(request.command)", "nbd.error": "\(error)", "nbd.reason": "\(why)",
         ])
+        let received = observer != nil ? MonotonicClock.now() : 0
         var reply = handler.errorReply(request, error, why)
         reply.cost = cost
+        observer?.requestFinished(request.command, length: request.length, error: error,
+                                  nanoseconds: MonotonicClock.now() - received)
         writer.enqueue(reply)
     }
 
@@ -229,6 +248,8 @@ final class Connection: @unchecked Sendable {
         var reply = handler.handle(job.request, payload: job.payload)
         if let payload = job.payload { buffers.give(payload) }
         reply.cost = job.cost
+        observer?.requestFinished(job.request.command, length: job.request.length, error: reply.error,
+                                  nanoseconds: MonotonicClock.now() - job.received)
         // A client gone while this ran gets no reply (the writer drops it).
         writer.enqueue(reply)
     }

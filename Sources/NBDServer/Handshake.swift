@@ -10,6 +10,8 @@ struct Handshake {
     enum Failure: Error {
         case timedOut
         case refused(String)
+        /// The client ended negotiation itself with NBD_OPT_ABORT.
+        case aborted(String)
     }
 
     let socket: Socket
@@ -58,7 +60,7 @@ struct Handshake {
                 return entered(agreed)
             case .close(let replies, let reason):
                 try? send(replies)
-                throw Failure.refused(reason)
+                throw option.option == .abort ? Failure.aborted(reason) : Failure.refused(reason)
             }
         }
     }

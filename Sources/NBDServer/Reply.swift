@@ -19,6 +19,8 @@ struct Reply: @unchecked Sendable {
     private(set) var headerLength = 0
     private(set) var body: Body = .none
     var cost = 0
+    /// The error the client is told, for metrics.
+    var error: NBDError = .ok
 
     /// A reply whose header `write` encodes (returning its length), followed by `body`.
     init(body: Body = .none, header write: (UnsafeMutableRawBufferPointer) -> Int) {
@@ -59,7 +61,9 @@ struct Reply: @unchecked Sendable {
     // MARK: - The replies there are
 
     static func simple(cookie: UInt64, error: NBDError) -> Reply {
-        Reply { ReplyHeader.writeSimple($0, error: error, cookie: cookie) }
+        var reply = Reply { ReplyHeader.writeSimple($0, error: error, cookie: cookie) }
+        reply.error = error
+        return reply
     }
 
     /// Read data, as a simple reply or one OFFSET_DATA chunk.

@@ -63,7 +63,9 @@ struct RequestHandler: @unchecked Sendable {
         guard session.structuredReplies && (request.command == .read || request.command == .blockStatus) else {
             return .simple(cookie: request.cookie, error: error)
         }
-        return .chunks(encodeErrorChunk(cookie: request.cookie, error: error, message: message))
+        var reply = Reply.chunks(encodeErrorChunk(cookie: request.cookie, error: error, message: message))
+        reply.error = error
+        return reply
     }
 
     private func read(_ request: Request) throws(DeviceError) -> Reply {

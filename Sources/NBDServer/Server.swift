@@ -64,6 +64,7 @@ public final class Server: @unchecked Sendable {
     private let export: Export
     private let configuration: ServerConfiguration
     private let logger: Logger
+    private let observer: (any ServerObserver)?
     private let buffers: BufferPool
     private let devices: DevicePool
     private let controlQueue = DispatchQueue(label: "swiftnbd.control")
@@ -82,10 +83,13 @@ public final class Server: @unchecked Sendable {
     private var trimTimer: (any DispatchSourceTimer)?
     private let finished = DispatchSemaphore(value: 0)
 
-    public init(export: Export, configuration: ServerConfiguration, logger: Logger) {
+    /// - Parameter observer: told of connections, handshake failures and requests, for metrics.
+    public init(export: Export, configuration: ServerConfiguration, logger: Logger,
+                observer: (any ServerObserver)? = nil) {
         self.export = export
         self.configuration = configuration
         self.logger = logger
+        self.observer = observer
         buffers = BufferPool(budget: configuration.bufferPoolBudget)
         devices = DevicePool(threads: configuration.deviceThreads)
     }
@@ -194,8 +198,10 @@ public final class Server: @unchecked Sendable {
         servedAny = true
         let connection = Connection(socket: socket, peer: peer, id: id, export: export, buffers: buffers,
                                     devices: devices, limits: configuration.connectionLimits,
-                                    handshakeTimeout: configuration.handshakeTimeout, logger: logger)
+                                    handshakeTimeout: configuration.handshakeTimeout, logger: logger,
+                                    observer: observer)
         connections[ObjectIdentifier(connection)] = connection
+        observer?.connectionOpened()
         logger.info("Connection opened", metadata: ["nbd.conn": "\(id)", "nbd.peer": "\(peer)",
                                                      "nbd.export": "\(export.name)"])
         OSThread.detach(name: "nbd-conn-\(id)") { [self] in
@@ -206,6 +212,7 @@ public final class Server: @unchecked Sendable {
 
     private func closed(_ connection: Connection) {
         connections[ObjectIdentifier(connection)] = nil
+        observer?.connectionClosed()
         if !configuration.persistent && servedAny && connections.isEmpty && !stopping {
             beginStopping()
             return

@@ -3,6 +3,7 @@ import Dispatch
 import Foundation
 import Logging
 import BlockDevice
+import NBDMetrics
 import NBDServer
 import SwiftNBDKit
 import SystemIO
@@ -89,12 +90,20 @@ struct SwiftNBD: ParsableCommand {
     @Option(name: .customLong("log-file"), help: "Log to this file instead of stderr; SIGHUP reopens it.")
     var logFile: String?
 
+    @Option(name: .customLong("metrics-file"),
+            help: "Keep Prometheus metrics in this file (node_exporter textfile format), rewritten every few seconds.")
+    var metricsFile: String?
+
+    @Option(name: .customLong("metrics-interval"), help: "Seconds between rewrites of --metrics-file.")
+    var metricsInterval: Double = 5
+
     @Argument(help: "The image file.")
     var file: String
 
     func validate() throws {
         guard (0...65535).contains(port) else { throw ValidationError("port \(port) is out of range") }
         guard shared >= 0 else { throw ValidationError("--shared can't be negative") }
+        guard metricsInterval > 0 else { throw ValidationError("--metrics-interval must be positive") }
         guard handshakeTimeout >= 0 else { throw ValidationError("--handshake-timeout can't be negative") }
         guard exportName.utf8.count <= 4096, description.utf8.count <= 4096 else {
             throw ValidationError("export names and descriptions are limited to 4096 bytes")
@@ -137,7 +146,16 @@ struct SwiftNBD: ParsableCommand {
         options.temporarySnapshot = snapshot
         options.discard = discard
         options.detectZeroes = detectZeroes
-        let export = try SwiftNBDKit.openExport(options)
+        let (export, statistics) = try SwiftNBDKit.open(options)
+        let metrics = metricsFile.map { _ in ExportMetrics(export: exportName, statistics: statistics) }
+        let metricsWriter = try metricsFile.map { path throws(StartupError) in
+            do throws(Errno) {
+                return try MetricsFile(path: path, interval: metricsInterval, logger: logger,
+                                       render: { metrics!.render() })
+            } catch {
+                throw StartupError("cannot write metrics file '\(path)': \(error)")
+            }
+        }
 
         let listeners: [Socket]
         let listening: String
@@ -155,7 +173,7 @@ struct SwiftNBD: ParsableCommand {
         let server = Server(export: export,
                             configuration: ServerConfiguration(maxConnections: shared, persistent: persistent,
                                                                handshakeTimeout: handshakeTimeout > 0 ? handshakeTimeout : nil),
-                            logger: logger)
+                            logger: logger, observer: metrics)
         let signals = SignalHandling.install(stop: { signal in
             logger.info("Stopping on signal \(signal)")
             server.stop()
@@ -174,6 +192,7 @@ struct SwiftNBD: ParsableCommand {
         logger.info("Server listening on \(listening)")
         daemon?.reportReady(keepStderr: verbose || logLevel != nil)
         server.wait()
+        metricsWriter?.stop()
         withExtendedLifetime(signals) {}
         if let path = socket { unlink(path) }
         if let pidFile { unlink(pidFile) }
