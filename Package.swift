@@ -61,6 +61,8 @@ let package = Package(
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"], swiftSettings: swiftSettings),
         .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "NBDProtocol", "BlockDevice", "TestSupport"],
                     swiftSettings: swiftSettings),
+        .testTarget(name: "NBDMetricsTests", dependencies: ["NBDMetrics", "NBDServer", "NBDProtocol", "BlockDevice"],
+                    swiftSettings: swiftSettings),
         .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "BlockDevice", "TestSupport"],
                     swiftSettings: swiftSettings),
         .testTarget(name: "IntegrationTests",

@@ -19,6 +19,8 @@ final class LatencyHistogram: TimerHandler, Sendable {
         let value = Atomic<UInt64>(0)
     }
 
+    /// `bounds` in nanoseconds alone, read on every sample.
+    private let limits: [Int64] = LatencyHistogram.bounds.map(\.nanoseconds)
     /// Samples per bucket, not cumulative; the last one is above every bound.
     private let buckets: [Cell] = (0...LatencyHistogram.bounds.count).map { _ in Cell() }
     private let sumNanoseconds = Atomic<UInt64>(0)
@@ -32,7 +34,7 @@ final class LatencyHistogram: TimerHandler, Sendable {
     func recordNanoseconds(_ duration: Int64) {
         let value = max(duration, 0)
         var index = 0
-        while index < Self.bounds.count && value > Self.bounds[index].nanoseconds { index += 1 }
+        while index < limits.count && value > limits[index] { index += 1 }
         buckets[index].value.add(1, ordering: .relaxed)
         sumNanoseconds.add(UInt64(value), ordering: .relaxed)
     }
