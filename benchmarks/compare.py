@@ -192,6 +192,29 @@ def bench_fio(name, image, fmt, rw, seconds, writable):
     report(f"{name}: fio --ioengine=nbd --rw={rw} --bs=4k --iodepth=32, {seconds}s", "IOPS", results)
 
 
+def bench_metrics_cost(name, image, fmt, seconds, work):
+    """swiftnbd alone, without and with --metrics-file (rewritten every second, to be harsh)."""
+    plain = lambda p: [SWIFTNBD, "-t", "-r", "-b", "127.0.0.1", "-p", str(p), "-f", fmt, image]
+    metrics = os.path.join(work, "swiftnbd.prom")
+    with_metrics = lambda p: plain(p)[:-1] + ["--metrics-file", metrics, "--metrics-interval", "1", image]
+    results, cpu = {}, {}
+    for label, argv in [("swiftnbd", plain), ("+metrics", with_metrics)]:
+        server = Server(label, argv)
+        try:
+            results[label] = run_fio(server.uri, "randread", seconds)
+            # The server's CPU time per request: less swayed than IOPS by other load on the machine.
+            with open(f"/proc/{server.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks = int(fields[11]) + int(fields[12])
+            cpu[label] = ticks / os.sysconf("SC_CLK_TCK") / (results[label] * seconds) * 1e6
+        finally:
+            server.stop()
+    report(f"{name}: fio --ioengine=nbd --rw=randread --bs=4k --iodepth=32, {seconds}s, "
+           f"without and with --metrics-file", "IOPS", results)
+    for label, micros in cpu.items():
+        print(f"  {label:10s} {micros:12.2f} µs of server CPU per request")
+
+
 def fresh_qcow2(path, size, preallocation=None):
     if os.path.exists(path):
         os.remove(path)
@@ -264,13 +287,16 @@ def main():
         make_half_random(raw, size)
         if wanted("raw-read"):
             bench_read("raw-read", raw, "raw", size, args.repeat)
-        if wanted("qcow2-read") or wanted("qcow2-fio"):
+        if wanted("qcow2-read") or wanted("qcow2-fio") or wanted("metrics-fio"):
             qcow = os.path.join(work, "disk.qcow2")
             subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow], check=True)
             if wanted("qcow2-read"):
                 bench_read("qcow2-read", qcow, "qcow2", size, args.repeat)
             if wanted("qcow2-fio"):
                 bench_fio("qcow2-fio", qcow, "qcow2", "randread", args.fio_seconds, False)
+            if wanted("metrics-fio"):
+                bench_metrics_cost("metrics-fio qcow2", qcow, "qcow2", args.fio_seconds, work)
+                bench_metrics_cost("metrics-fio raw", raw, "raw", args.fio_seconds, work)
         if wanted("qcow2-compressed-read"):
             zqcow = os.path.join(work, "disk-z.qcow2")
             subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", raw, zqcow], check=True)

@@ -2,12 +2,15 @@
 # Serves an image on TCP port 10809, like `qemu-nbd -t IMAGE`.
 # Usage: scripts/serve.sh [IMAGE [swiftnbd options...]]
 # Without IMAGE, a 1 GiB qcow2 demo image (demo.qcow2) is made first.
+# Installs only what building and serving need (and qemu-utils for the demo image).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "$(id -u)" = 0 ]; then scripts/install-deps.sh; else sudo scripts/install-deps.sh; fi
-swift build -c release --product swiftnbd
 image=${1:-}
 [ $# -gt 0 ] && shift
+sets=(runtime build)
+[ -z "$image" ] && [ ! -e demo.qcow2 ] && sets+=(demo)
+if [ "$(id -u)" = 0 ]; then scripts/install-deps.sh "${sets[@]}"; else sudo scripts/install-deps.sh "${sets[@]}"; fi
+swift build -c release --product swiftnbd
 if [ -z "$image" ]; then
     image=demo.qcow2
     if [ ! -e "$image" ]; then

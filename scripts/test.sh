@@ -3,9 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ]; then
-    scripts/install-deps.sh
+    scripts/install-deps.sh test
 else
-    sudo scripts/install-deps.sh
+    sudo scripts/install-deps.sh test
 fi
 swift build
 swift test "$@"

@@ -46,6 +46,7 @@ final class Connection: @unchecked Sendable {
     private let limits: ConnectionLimits
     private let handshakeTimeout: Double?
     private let tls: TLSConfiguration
+    private let observer: (any ServerObserver)?
     private var logger: Logger
     let counters = TransferCounters()
 
@@ -69,7 +70,8 @@ final class Connection: @unchecked Sendable {
     private var writer: ReplyWriter!
 
     init(socket: Socket, peer: String, id: Int, exports: [Export], buffers: BufferPool, devices: DevicePool,
-         limits: ConnectionLimits, handshakeTimeout: Double?, tls: TLSConfiguration = .off, logger: Logger) {
+         limits: ConnectionLimits, handshakeTimeout: Double?, tls: TLSConfiguration = .off, logger: Logger,
+         observer: (any ServerObserver)? = nil) {
         self.socket = socket
         self.peer = peer
         self.id = id
@@ -79,6 +81,7 @@ final class Connection: @unchecked Sendable {
         self.limits = limits
         self.handshakeTimeout = handshakeTimeout
         self.tls = tls
+        self.observer = observer
         self.logger = logger
         self.logger[metadataKey: "nbd.conn"] = "\(id)"
         self.logger[metadataKey: "nbd.peer"] = "\(peer)"
@@ -102,6 +105,7 @@ final class Connection: @unchecked Sendable {
             } else {
                 finish(reason: Self.describe(handshakeFailure: error), transport: reader.transport)
             }
+            observer?.handshakeFailed(Self.classify(handshakeFailure: error))
             return
         }
         let export = exports[session.exportIndex]
@@ -170,10 +174,22 @@ final class Connection: @unchecked Sendable {
         switch error {
         case Handshake.Failure.timedOut: "handshake timed out"
         case SocketReader.Failure.failed(let failure) where failure.isTimeout: "handshake timed out"
-        case Handshake.Failure.refused(let why), Handshake.Failure.denied(let why): why
+        case Handshake.Failure.refused(let why), Handshake.Failure.denied(let why),
+             Handshake.Failure.aborted(let why): why
         case SocketReader.Failure.closed: "client closed the connection during the handshake"
         case SocketReader.Failure.failed(let failure): "handshake failed: \(failure)"
         default: "handshake failed: \(error)"
+        }
+    }
+
+    private static func classify(handshakeFailure error: any Error) -> HandshakeFailureReason {
+        switch error {
+        case Handshake.Failure.timedOut: .timeout
+        case SocketReader.Failure.failed(let failure) where failure.isTimeout: .timeout
+        case Handshake.Failure.aborted: .clientAborted
+        case Handshake.Failure.refused, Handshake.Failure.denied: .refused
+        case SocketReader.Failure.closed: .clientClosed
+        default: .ioError
         }
     }
 
@@ -239,8 +255,9 @@ final class Connection: @unchecked Sendable {
 
     /// Runs a request on a device thread; called for requests that passed validation.
     func submit(_ request: Request, payload: UnsafeMutableRawBufferPointer?, contexts: ContextSelection, cost: Int) {
-        devices.submit(DeviceJob(connection: self, request: request, payload: payload, contexts: contexts, cost: cost),
-                       to: deviceQueue)
+        var job = DeviceJob(connection: self, request: request, payload: payload, contexts: contexts, cost: cost)
+        if observer != nil { job.received = MonotonicClock.now() }
+        devices.submit(job, to: deviceQueue)
     }
 
     /// Answers a request that failed validation, without touching the device.
@@ -248,8 +265,11 @@ final class Connection: @unchecked Sendable {
         logger.debug("Invalid request", metadata: [
             "nbd.cmd": "\(request.command)", "nbd.error": "\(error)", "nbd.reason": "\(why)",
         ])
+        let received = observer != nil ? MonotonicClock.now() : 0
         var reply = handler.errorReply(request, error, why)
         reply.cost = cost
+        observer?.requestFinished(request.command, length: request.length, error: error,
+                                  nanoseconds: MonotonicClock.now() - received)
         writer.enqueue(reply)
     }
 
@@ -263,6 +283,8 @@ final class Connection: @unchecked Sendable {
         var reply = handler.handle(job.request, payload: job.payload, contexts: job.contexts)
         if let payload = job.payload { buffers.give(payload) }
         reply.cost = job.cost
+        observer?.requestFinished(job.request.command, length: job.request.length, error: reply.error,
+                                  nanoseconds: MonotonicClock.now() - job.received)
         // A client gone while this ran gets no reply (the writer drops it).
         writer.enqueue(reply)
     }

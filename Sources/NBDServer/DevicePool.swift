@@ -12,6 +12,8 @@ struct DeviceJob: @unchecked Sendable {
     let contexts: ContextSelection
     /// Budget reserved for the request until its reply is sent or dropped.
     let cost: Int
+    /// When the request was read (`MonotonicClock`), for its latency; 0 without an observer.
+    var received: UInt64 = 0
 }
 
 /// One connection's requests waiting for a device thread. Owned by the

@@ -16,6 +16,8 @@ struct Handshake {
         /// The client may not come in: no TLS where it is required, a failed
         /// TLS handshake, an identity not on the allow-list.
         case denied(String)
+        /// The client ended negotiation itself with NBD_OPT_ABORT.
+        case aborted(String)
     }
 
     let socket: Socket
@@ -42,6 +44,8 @@ struct Handshake {
         do {
             return try negotiate(&negotiation, &reader)
         } catch Failure.refused(let why) where negotiation.refusedWithoutTLS {
+            throw Failure.denied("TLS is required; the client did not start it (\(why))")
+        } catch Failure.aborted(let why) where negotiation.refusedWithoutTLS {
             throw Failure.denied("TLS is required; the client did not start it (\(why))")
         } catch SocketReader.Failure.closed where negotiation.refusedWithoutTLS {
             throw Failure.denied("TLS is required; the client did not start it")
@@ -76,7 +80,7 @@ struct Handshake {
                 return entered(agreed)
             case .close(let replies, let reason):
                 try? send(replies, on: reader.transport)
-                throw Failure.refused(reason)
+                throw option.option == .abort ? Failure.aborted(reason) : Failure.refused(reason)
             case .startTLS(let replies):
                 try send(replies, on: reader.transport)
                 // Plaintext sent after STARTTLS, before its reply, must not pass for TLS data.

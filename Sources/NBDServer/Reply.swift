@@ -20,6 +20,8 @@ struct Reply: @unchecked Sendable {
     private(set) var headerLength = 0
     private(set) var body: Body = .none
     var cost = 0
+    /// The error the client is told, for metrics.
+    var error: NBDError = .ok
 
     /// A reply whose header `write` encodes (returning its length), followed by `body`.
     init(body: Body = .none, header write: (UnsafeMutableRawBufferPointer) -> Int) {
@@ -64,11 +66,15 @@ struct Reply: @unchecked Sendable {
     /// Success or an error without a message: a simple reply, or with
     /// extended headers (where simple replies are not allowed) a chunk.
     static func status(cookie: UInt64, error: NBDError, framing: ChunkFraming?) -> Reply {
-        guard let framing, case .extended = framing else {
-            return Reply { ReplyHeader.writeSimple($0, error: error, cookie: cookie) }
+        var reply: Reply
+        if let framing, case .extended = framing {
+            guard error != .ok else { return Reply { ReplyHeader.writeDone($0, framing: framing, cookie: cookie) } }
+            reply = .chunks(encodeErrorChunk(framing: framing, cookie: cookie, error: error, message: ""))
+        } else {
+            reply = Reply { ReplyHeader.writeSimple($0, error: error, cookie: cookie) }
         }
-        if error == .ok { return Reply { ReplyHeader.writeDone($0, framing: framing, cookie: cookie) } }
-        return .chunks(encodeErrorChunk(framing: framing, cookie: cookie, error: error, message: ""))
+        reply.error = error
+        return reply
     }
 
     /// Read data, as a simple reply or one OFFSET_DATA chunk.

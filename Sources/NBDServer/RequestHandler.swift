@@ -71,7 +71,10 @@ struct RequestHandler: @unchecked Sendable {
         guard let framing = framing(for: request),
               session.extendedHeaders || request.command == .read || request.command == .blockStatus
         else { return .status(cookie: request.cookie, error: error, framing: nil) }
-        return .chunks(encodeErrorChunk(framing: framing, cookie: request.cookie, error: error, message: message))
+        var reply = Reply.chunks(encodeErrorChunk(framing: framing, cookie: request.cookie, error: error,
+                                                  message: message))
+        reply.error = error
+        return reply
     }
 
     private func read(_ request: Request) throws(DeviceError) -> Reply {

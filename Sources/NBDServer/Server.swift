@@ -68,6 +68,7 @@ public final class Server: @unchecked Sendable {
     private let exports: [Export]
     private let configuration: ServerConfiguration
     private let logger: Logger
+    private let observer: (any ServerObserver)?
     private let buffers: BufferPool
     private let devices: DevicePool
     private let controlQueue = DispatchQueue(label: "swiftnbd.control")
@@ -87,11 +88,14 @@ public final class Server: @unchecked Sendable {
     private let finished = DispatchSemaphore(value: 0)
 
     /// `exports`: at least one; the first is the default export (the empty name).
-    public init(exports: [Export], configuration: ServerConfiguration, logger: Logger) {
+    /// - Parameter observer: told of connections, handshake failures and requests, for metrics.
+    public init(exports: [Export], configuration: ServerConfiguration, logger: Logger,
+                observer: (any ServerObserver)? = nil) {
         precondition(!exports.isEmpty, "a server needs an export")
         self.exports = exports
         self.configuration = configuration
         self.logger = logger
+        self.observer = observer
         buffers = BufferPool(budget: configuration.bufferPoolBudget)
         devices = DevicePool(threads: configuration.deviceThreads)
     }
@@ -211,8 +215,9 @@ public final class Server: @unchecked Sendable {
         let connection = Connection(socket: socket, peer: peer, id: id, exports: exports, buffers: buffers,
                                     devices: devices, limits: configuration.connectionLimits,
                                     handshakeTimeout: configuration.handshakeTimeout, tls: configuration.tls,
-                                    logger: logger)
+                                    logger: logger, observer: observer)
         connections[ObjectIdentifier(connection)] = connection
+        observer?.connectionOpened()
         logger.info("Connection opened", metadata: ["nbd.conn": "\(id)", "nbd.peer": "\(peer)"])
         OSThread.detach(name: "nbd-conn-\(id)") { [self] in
             connection.run()
@@ -222,6 +227,7 @@ public final class Server: @unchecked Sendable {
 
     private func closed(_ connection: Connection) {
         connections[ObjectIdentifier(connection)] = nil
+        observer?.connectionClosed()
         if !configuration.persistent && servedAny && connections.isEmpty && !stopping {
             beginStopping()
             return

@@ -26,6 +26,9 @@ final class L2Cache: Sendable {
     }
 
     private let stripes: [Stripe]
+    /// Lookups answered from memory and lookups that loaded the table, for metrics.
+    let hits = Atomic<UInt64>(0)
+    let misses = Atomic<UInt64>(0)
     private let capacityPerStripe: Int
     private let clusterBits: Int
 
@@ -53,7 +56,11 @@ final class L2Cache: Sendable {
             state.entries[offset]!.lastUse = state.clock
             return (state.entries[offset]!.table, state.generation)
         }
-        if let cached { return cached }
+        if let cached {
+            hits.add(1, ordering: .relaxed)
+            return cached
+        }
+        misses.add(1, ordering: .relaxed)
         let loaded = try load()
         return stripe.state.withLock { state in
             if let present = state.entries[offset] { return present.table }

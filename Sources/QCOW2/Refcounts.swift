@@ -1,4 +1,5 @@
 import BlockDevice
+import Synchronization
 import SystemIO
 
 /// Reading and writing one refcount block entry of any width (spec, "Host
@@ -70,6 +71,9 @@ final class RefcountManager: @unchecked Sendable {
     var crashSimulator: CrashSimulator?
     /// Set when a refcount table move failed half-way; refcounts are then left alone.
     private var broken = false
+    /// Clusters `allocate` handed out and clusters whose refcount reached zero, for metrics.
+    let allocatedClusters = Atomic<UInt64>(0)
+    let freedClusters = Atomic<UInt64>(0)
 
     init(file: FileHandle, header: QCOW2Header, fileSize: UInt64) throws(QCOW2Error) {
         self.file = file
@@ -146,6 +150,7 @@ final class RefcountManager: @unchecked Sendable {
             throw DeviceError(.io, "qcow2 metadata: refcount of cluster at \(host) would drop below zero")
         }
         try setRefcount(of: host, to: delta < 0 ? current - UInt64(-delta) : current + UInt64(delta))
+        if delta < 0 && current == UInt64(-delta) { freedClusters.add(1, ordering: .relaxed) }
     }
 
     /// Allocates `count` contiguous clusters with refcount 1: the first free
@@ -176,6 +181,7 @@ final class RefcountManager: @unchecked Sendable {
             fileEnd = first + UInt64(count) * clusterSize
         }
         for i in 0..<UInt64(count) { try setRefcount(of: first + i * clusterSize, to: 1) }
+        allocatedClusters.add(UInt64(count), ordering: .relaxed)
         return first
     }
 

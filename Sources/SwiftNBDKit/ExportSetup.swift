@@ -46,8 +46,16 @@ public enum SwiftNBDKit {
 
     /// Opens the image as the export's device, or explains why not.
     public static func openExport(_ options: ExportOptions) throws(StartupError) -> Export {
+        try open(options).export
+    }
+
+    /// Opens the export, and gives the image engine's own counters (qcow2) when it keeps any,
+    /// as the wrappers (overlay, write policy) hide the engine from the export's device.
+    public static func open(_ options: ExportOptions)
+        throws(StartupError) -> (export: Export, statistics: (any DeviceStatisticsSource)?) {
         let format = options.format ?? probeFormat(path: options.path)
         var device: any BlockDevice
+        var statistics: (any DeviceStatisticsSource)?
         let readOnly = options.readOnly || options.loadSnapshot != nil
         // With -s the image itself is opened read-only; the overlay takes the writes.
         let imageReadOnly = readOnly || options.temporarySnapshot
@@ -65,7 +73,9 @@ public enum SwiftNBDKit {
             var qcowOptions = QCOW2Options(snapshot: options.loadSnapshot)
             if let bytes = options.l2CacheBytes { qcowOptions.l2CacheBytes = bytes }
             do {
-                device = try QCOW2Device(path: options.path, readOnly: imageReadOnly, options: qcowOptions)
+                let qcow2 = try QCOW2Device(path: options.path, readOnly: imageReadOnly, options: qcowOptions)
+                device = qcow2
+                statistics = qcow2
             } catch {
                 throw StartupError("'\(options.path)': \(error)")
             }
@@ -80,9 +90,10 @@ public enum SwiftNBDKit {
         if !readOnly {
             device = WritePolicyDevice(device, discard: options.discard, detectZeroes: options.detectZeroes)
         }
-        return Export(name: options.exportName, description: options.description, device: device,
-                      readOnly: readOnly, exposeAllocationDepth: options.allocationDepth,
-                      allowMultiConn: options.maxConnections != 1)
+        let export = Export(name: options.exportName, description: options.description, device: device,
+                            readOnly: readOnly, exposeAllocationDepth: options.allocationDepth,
+                            allowMultiConn: options.maxConnections != 1)
+        return (export, statistics)
     }
 }
 
@@ -154,21 +165,22 @@ extension ExportOptions {
 }
 
 extension SwiftNBDKit {
-    /// Opens every export, refusing two with the same name.
-    public static func openExports(_ all: [ExportOptions]) throws(StartupError) -> [Export] {
+    /// Opens every export (with its engine's counters, as `open` gives them), refusing two with the same name.
+    public static func openExports(_ all: [ExportOptions])
+        throws(StartupError) -> [(export: Export, statistics: (any DeviceStatisticsSource)?)] {
         var seen = Set<String>()
         for options in all where !seen.insert(options.exportName).inserted {
             throw StartupError("two exports are named '\(options.exportName)'")
         }
-        var exports: [Export] = []
+        var opened: [(export: Export, statistics: (any DeviceStatisticsSource)?)] = []
         for options in all {
             do {
-                exports.append(try openExport(options))
+                opened.append(try open(options))
             } catch {
-                for opened in exports { opened.device.close() }
+                for (export, _) in opened { export.device.close() }
                 throw error
             }
         }
-        return exports
+        return opened
     }
 }

@@ -3,6 +3,7 @@ import Dispatch
 import Foundation
 import Logging
 import BlockDevice
+import NBDMetrics
 import NBDServer
 import SwiftNBDKit
 import SystemIO
@@ -140,11 +141,19 @@ struct SwiftNBD: ParsableCommand {
 
     /// The positional image; an empty one (IMAGE= in a unit's config) means none, for --export-only services.
     private var image: String? { file.flatMap { $0.isEmpty ? nil : $0 } }
+    @Option(name: .customLong("metrics-file"),
+            help: "Keep Prometheus metrics in this file (node_exporter textfile format), rewritten every few seconds.")
+    var metricsFile: String?
+
+    @Option(name: .customLong("metrics-interval"), help: "Seconds between rewrites of --metrics-file.")
+    var metricsInterval: Double = 5
+
 
     func validate() throws {
         guard (0...65535).contains(port) else { throw ValidationError("port \(port) is out of range") }
         guard shared >= 0 else { throw ValidationError("--shared can't be negative") }
         guard image != nil || !exportSpecs.isEmpty else { throw ValidationError("no image: give FILE or --export") }
+        guard metricsInterval > 0 else { throw ValidationError("--metrics-interval must be positive") }
         guard handshakeTimeout >= 0 else { throw ValidationError("--handshake-timeout can't be negative") }
         guard exportName.utf8.count <= 4096, description.utf8.count <= 4096 else {
             throw ValidationError("export names and descriptions are limited to 4096 bytes")
@@ -217,7 +226,20 @@ struct SwiftNBD: ParsableCommand {
             all.append(options)
         }
         for spec in exportSpecs { all.append(try ExportOptions.parse(export: spec, shared: common)) }
-        let exports = try SwiftNBDKit.openExports(all)
+        let opened = try SwiftNBDKit.openExports(all)
+        let exports = opened.map(\.export)
+        // The metrics are labelled with the first export; with several, they count them all together.
+        let metrics = metricsFile.map { _ in
+            ExportMetrics(export: opened[0].export.name, statistics: opened[0].statistics)
+        }
+        let metricsWriter = try metricsFile.map { path throws(StartupError) in
+            do throws(Errno) {
+                return try MetricsFile(path: path, interval: metricsInterval, logger: logger,
+                                       render: { metrics!.render() })
+            } catch {
+                throw StartupError("cannot write metrics file '\(path)': \(error)")
+            }
+        }
 
         let listeners: [Socket]
         let listening: String
@@ -236,7 +258,7 @@ struct SwiftNBD: ParsableCommand {
                                                 handshakeTimeout: handshakeTimeout > 0 ? handshakeTimeout : nil)
         configuration.tls = tlsConfiguration
         configuration.allowedAddresses = access.allowedAddresses
-        let server = Server(exports: exports, configuration: configuration, logger: logger)
+        let server = Server(exports: exports, configuration: configuration, logger: logger, observer: metrics)
         let signals = SignalHandling.install(stop: { signal in
             logger.info("Stopping on signal \(signal)")
             server.stop()
@@ -255,6 +277,7 @@ struct SwiftNBD: ParsableCommand {
         logger.info("Server listening on \(listening)")
         daemon?.reportReady(keepStderr: verbose || logLevel != nil)
         server.wait()
+        metricsWriter?.stop()
         withExtendedLifetime(signals) {}
         if let path = socket { unlink(path) }
         if let pidFile { unlink(pidFile) }

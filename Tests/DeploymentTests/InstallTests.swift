@@ -14,6 +14,9 @@ import TestSupport
         "usr/local/lib/sysusers.d/swiftnbd.conf",
         "usr/local/lib/tmpfiles.d/swiftnbd.conf",
         "usr/local/share/man/man1/swiftnbd.1",
+        "usr/local/share/bash-completion/completions/swiftnbd",
+        "usr/local/share/zsh/site-functions/_swiftnbd",
+        "usr/local/share/fish/vendor_completions.d/swiftnbd.fish",
         "etc/firewalld/services/swiftnbd.xml",
         "etc/swiftnbd/example.conf",
         "etc/swiftnbd/tls.conf",
@@ -127,9 +130,8 @@ import TestSupport
         }
     }
 
-    /// The hand-written page lists every option the built CLI has, spelled as `-s, --long`,
-    /// so the two cannot drift apart unnoticed.
-    @Test func manPageCoversEveryOptionOfTheCLI() throws {
+    /// The options of the built CLI, each as its names (`-t`, `--persistent`), from argument-parser's own dump.
+    static func cliOptions() throws -> [[(kind: String, name: String)]] {
         struct Help: Decodable {
             struct Command: Decodable { var arguments: [Argument] }
             struct Argument: Decodable { var names: [Name]? }
@@ -138,15 +140,59 @@ import TestSupport
         }
         let json = try Tools.check(Paths.serverBinary, ["--experimental-dump-help"])
         let help = try JSONDecoder().decode(Help.self, from: Data(json.utf8))
-        let page = try Tools.check("man", ["-l", Paths.repo("man/swiftnbd.1")],
-                                   environment: ["MANWIDTH": "200", "LC_ALL": "C"])
-        let names = help.command.arguments.compactMap(\.names).filter { !$0.isEmpty }
+        return help.command.arguments.compactMap(\.names).filter { !$0.isEmpty }.map { $0.map { ($0.kind, $0.name) } }
+    }
+
+    static func renderedManPage() throws -> String {
+        try Tools.check("man", ["-l", Paths.repo("man/swiftnbd.1")], environment: ["MANWIDTH": "200", "LC_ALL": "C"])
+    }
+
+    /// The hand-written page lists every option the built CLI has, spelled as `-s, --long`,
+    /// so the two cannot drift apart unnoticed.
+    @Test func manPageCoversEveryOptionOfTheCLI() throws {
+        let page = try Self.renderedManPage()
+        let names = try Self.cliOptions()
         #expect(names.count >= 20, "dump-help listed only \(names.count) options")
         for name in names {
             let short = name.first { $0.kind == "short" }.map { "-\($0.name)" }
             let long = name.first { $0.kind == "long" }.map { "--\($0.name)" }
             let spelled = [short, long].compactMap { $0 }.joined(separator: ", ")
             #expect(page.contains(spelled), "swiftnbd(1) lacks \(spelled)")
+        }
+    }
+
+    /// And the other way round: every option the page's OPTIONS section describes is one the CLI takes.
+    @Test func manPageDescribesNoOptionTheCLILacks() throws {
+        let page = try Self.renderedManPage()
+        let start = try #require(page.range(of: "\nOPTIONS\n"))
+        let end = try #require(page.range(of: "\n[A-Z][A-Z ]+\n", options: .regularExpression,
+                                          range: start.upperBound..<page.endIndex))
+        // Option tags are the lines indented once (7 columns); their descriptions are indented further.
+        let tags = page[start.upperBound..<end.lowerBound].split(separator: "\n")
+            .filter { $0.hasPrefix("       -") }
+        var described: Set<String> = []
+        for tag in tags {
+            for match in tag.matches(of: /(?:^|[ ,])(--?[A-Za-z][A-Za-z-]*)/) { described.insert(String(match.1)) }
+        }
+        let known = Set(try Self.cliOptions().flatMap { $0 }.map { $0.kind == "long" ? "--\($0.name)" : "-\($0.name)" })
+        #expect(described.count >= 25, "found only \(described.sorted()) in OPTIONS")
+        #expect(described.contains("--metrics-file"))
+        #expect(described.subtracting(known).isEmpty,
+                "swiftnbd(1) describes options the CLI lacks: \(described.subtracting(known).sorted())")
+    }
+
+    /// The completions argument-parser generates are installed and load: bash registers one for
+    /// swiftnbd, and the zsh and fish scripts know the newest options.
+    @Test func installedCompletionsLoad() throws {
+        let destdir = try TemporaryDirectory("swiftnbd-completions")
+        try Self.make(["install", "DESTDIR=\(destdir.path)", "BINARY=\(Paths.serverBinary)"])
+        let bash = destdir.file("usr/local/share/bash-completion/completions/swiftnbd")
+        let registered = try Tools.check("bash", ["-c", "source '\(bash)' && complete -p swiftnbd"])
+        #expect(registered.contains("swiftnbd"), "\(registered)")
+        for script in [bash, destdir.file("usr/local/share/zsh/site-functions/_swiftnbd"),
+                       destdir.file("usr/local/share/fish/vendor_completions.d/swiftnbd.fish")] {
+            let text = try String(contentsOfFile: script, encoding: .utf8)
+            #expect(text.contains("metrics-file") && text.contains("read-only"), "\(script)")
         }
     }
 }

@@ -50,7 +50,7 @@ import TestSupport
 
     /// Serves a qcow2 image the way swiftnbd@.service runs it, under `strace -f`: reads,
     /// writes into new clusters, a flush, a read over TLS, a client dropped by the handshake
-    /// timeout, SIGTERM.
+    /// timeout, SIGTERM, with the metrics file rewritten all along.
     /// Returns the trace.
     static func traceServeSession(scratch: TemporaryDirectory, image: String) throws -> String {
         try ImageFactory.create(image, format: "qcow2", size: "64M")
@@ -61,7 +61,8 @@ import TestSupport
             "/usr/bin/strace",
             ["-f", "-qq", "-o", trace, Paths.serverBinary,
              "-t", "-v", "-p", "\(port)", "-b", "127.0.0.1", "--handshake-timeout", "1",
-             "--tls=on", "--tls-certificates", TLSFixture.shared.x509, image],
+             "--tls=on", "--tls-certificates", TLSFixture.shared.x509,
+             "--metrics-file", scratch.file("swiftnbd.prom"), "--metrics-interval", "0.1", image],
             logPath: scratch.file("server.log"))
         defer { strace.stop() }
 
@@ -109,12 +110,16 @@ import TestSupport
             .flatMap { $0.split(separator: " ").map(String.init) })
         #expect(families.isSubset(of: permitted), "sockets of \(families.subtracting(permitted).sorted())")
 
-        // ProtectSystem=strict leaves only ReadWritePaths= (the image folder) writable: the
-        // server may open nothing but the image for writing.
+        // ProtectSystem=strict leaves only ReadWritePaths= (the image folder, the textfile
+        // collector's) writable: the server may open nothing but the image and the metrics file.
         let writable = /openat\([^,]+, "([^"]+)", [^)]*(O_WRONLY|O_RDWR|O_CREAT)/
         let written = Set(trace.split(separator: "\n").compactMap { line in
             (try? writable.firstMatch(in: line)).map { String($0.output.1) }
         })
-        #expect(written == [image], "opened for writing: \(written.sorted())")
+        #expect(written == [image, scratch.file("swiftnbd.prom.tmp")], "opened for writing: \(written.sorted())")
+        #expect(used.contains("rename") || used.contains("renameat") || used.contains("renameat2"),
+                "the metrics file was never renamed into place")
+        let folders = try Self.settings("ReadWritePaths", in: "swiftnbd@.service")
+        #expect(folders.contains("-/var/lib/prometheus/node-exporter"))
     }
 }

@@ -1,0 +1,11 @@
+import BlockDevice
+
+extension QCOW2Device: DeviceStatisticsSource {
+    /// The top image's L2 cache and allocator; a backing file's own cache is not included.
+    public var statistics: DeviceStatistics {
+        DeviceStatistics(cacheHits: l2Cache.hits.load(ordering: .relaxed),
+                         cacheMisses: l2Cache.misses.load(ordering: .relaxed),
+                         clustersAllocated: refcounts?.allocatedClusters.load(ordering: .relaxed) ?? 0,
+                         clustersFreed: refcounts?.freedClusters.load(ordering: .relaxed) ?? 0)
+    }
+}
