@@ -60,7 +60,7 @@ final class DevicePool: @unchecked Sendable {
     func submit(_ job: DeviceJob, to queue: DeviceQueue) {
         lock.withLock {
             queue.jobs.append(job)
-            scheduleIfReady(queue)
+            if scheduleIfReady(queue) { wake.signal() }
         }
     }
 
@@ -73,12 +73,13 @@ final class DevicePool: @unchecked Sendable {
         }
     }
 
-    /// Puts `queue` at the back of the turn order if it has work it may start. Lock held.
-    private func scheduleIfReady(_ queue: DeviceQueue) {
-        guard !queue.scheduled, !queue.jobs.isEmpty, queue.running < perQueueLimit else { return }
+    /// Puts `queue` at the back of the turn order if it has work it may start; whether it did. Lock held.
+    @discardableResult
+    private func scheduleIfReady(_ queue: DeviceQueue) -> Bool {
+        guard !queue.scheduled, !queue.jobs.isEmpty, queue.running < perQueueLimit else { return false }
         queue.scheduled = true
         turns.append(queue)
-        wake.signal()
+        return true
     }
 
     private func work() {
@@ -89,11 +90,13 @@ final class DevicePool: @unchecked Sendable {
             let job = queue.jobs.removeFirst()
             queue.scheduled = false
             queue.running += 1
-            scheduleIfReady(queue)
+            // More of this queue may run at once: another thread may start on it.
+            if scheduleIfReady(queue) { wake.signal() }
             lock.unlock()
             job.connection.perform(job)
             lock.lock()
             queue.running -= 1
+            // No wake-up: this thread looks at the turns next itself.
             scheduleIfReady(queue)
         }
         live -= 1
