@@ -26,7 +26,8 @@ let package = Package(
         // What an export is: the BlockDevice protocol and the raw-file device.
         .target(name: "BlockDevice", dependencies: ["SystemIO"], swiftSettings: swiftSettings),
         // The qcow2 image engine. Knows nothing of NBD.
-        .target(name: "QCOW2", dependencies: ["BlockDevice", "SystemIO", "CZlib", "CZstd"],
+        .target(name: "QCOW2", dependencies: ["BlockDevice", "SystemIO", "CZlib", "CZstd",
+                                             .product(name: "Logging", package: "swift-log")],
                 swiftSettings: swiftSettings),
         // Listener, connections, handshake and transmission.
         .target(name: "NBDServer",
@@ -50,7 +51,8 @@ let package = Package(
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"], swiftSettings: swiftSettings),
         .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "NBDProtocol", "BlockDevice", "TestSupport"],
                     swiftSettings: swiftSettings),
-        .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "BlockDevice", "TestSupport"],
+        .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "BlockDevice", "SystemIO", "TestSupport",
+                                                .product(name: "Logging", package: "swift-log")],
                     swiftSettings: swiftSettings),
         .testTarget(name: "IntegrationTests",
                     dependencies: ["TestSupport", "CLibNBD", "NBDProtocol", "SystemIO", "swiftnbd"],

@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <linux/falloc.h>
 #include "CSystemShims.h"
@@ -16,3 +17,9 @@ int cshim_accept_cloexec(int fd, struct sockaddr *addr, socklen_t *len) {
     return accept4(fd, addr, len, SOCK_CLOEXEC);
 }
 int cshim_stream_socket(int family) { return socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0); }
+
+int cshim_stat_mode(const char *path) {
+    struct stat st;
+    if (stat(path, &st) != 0) return -1;
+    return (int)st.st_mode;
+}

@@ -1,10 +1,12 @@
 import BlockDevice
 import Foundation
 @testable import QCOW2
+import SystemIO
 import TestSupport
 import Testing
 
-/// The device is stopped dead after its k-th write, for every k through a
+/// The device is stopped dead after its k-th write or sync (every later one
+/// fails, through `FaultInjectingFile`), for every k through a
 /// workload: the image must pass `qemu-img check` with at worst leaked
 /// clusters (exit 0 or 3, never 2: corruption), and every request that
 /// completed before the crash must read back.
@@ -30,8 +32,10 @@ import Testing
         var crashes = 0
         for budget in stride(from: 0, through: 400, by: kind.name.contains("512") ? 7 : 3) {
             try pristineBytes.write(to: URL(fileURLWithPath: work))
-            let device = try QCOW2Device(path: work, readOnly: false)
-            device.crashSimulator.remaining.store(budget, ordering: .relaxed)
+            let faults = FileFaults()
+            faults.errorCode.store(EIO, ordering: .relaxed)
+            let device = try QCOW2Device(path: work, readOnly: false, options: QCOW2Options(opener: faults.opener))
+            faults.writesLeft.store(budget, ordering: .relaxed)
             var model = initial
             var failed: (UInt64, UInt64)?
             for op in ops {
@@ -75,8 +79,9 @@ import Testing
 
         for budget in stride(from: 0, through: 300, by: kind.name.contains("512") ? 13 : 7) {
             try pristineBytes.write(to: URL(fileURLWithPath: work))
-            let device = try QCOW2Device(path: work, readOnly: false)
-            device.crashSimulator.remaining.store(budget, ordering: .relaxed)
+            let faults = FileFaults()
+            let device = try QCOW2Device(path: work, readOnly: false, options: QCOW2Options(opener: faults.opener))
+            faults.writesLeft.store(budget, ordering: .relaxed)
             var model = initial
             var unknown = [Bool](repeating: false, count: initial.count)
             var failedOnce = false, refused = false
@@ -99,7 +104,7 @@ import Testing
                     for i in Int(o)..<Int(o + l) { unknown[i] = true }
                     failedRanges.append(Int(o)..<Int(o + l))
                     failedOnce = true
-                    device.crashSimulator.remaining.store(.max, ordering: .relaxed)
+                    faults.writesLeft.store(.max, ordering: .relaxed)
                 }
             }
             var actual = try Q.readAll(device)

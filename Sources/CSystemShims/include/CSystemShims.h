@@ -10,3 +10,4 @@ int cshim_punch_hole(int fd, off_t offset, off_t length);
 int cshim_zero_range(int fd, off_t offset, off_t length);
 int cshim_accept_cloexec(int fd, struct sockaddr *addr, socklen_t *len);
 int cshim_stream_socket(int family);
+int cshim_stat_mode(const char *path);
