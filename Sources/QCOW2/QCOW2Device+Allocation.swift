@@ -138,6 +138,14 @@ extension QCOW2Device {
                 }
             } else {
                 try writeData(UnsafeRawBufferPointer(buffer), at: plan.newHost)
+                // Copied bytes (from a backing file, a compressed or shared cluster) must be on
+                // disk before the L2 entry: a power cut must not lose data the guest never
+                // rewrote (qemu's "data is always flushed before the L2 update" after a COW).
+                let mappedHere = plan.old & EntryBits.offsetMask == plan.newHost && plan.old & EntryBits.zero == 0
+                    && plan.old & EntryBits.compressed == 0 && (plan.newHost != 0 || plan.old & EntryBits.copied != 0)
+                let copied = !QCOW2Device.isZero(UnsafeRawBufferPointer(rebasing: buffer[..<into]))
+                    || !QCOW2Device.isZero(UnsafeRawBufferPointer(rebasing: buffer[(into + data.count)...]))
+                if copied && !mappedHere { try syncData() }
             }
         } catch {
             _ = try? withMetadataLock { () throws(DeviceError) in
@@ -194,6 +202,11 @@ extension QCOW2Device {
         if let host { newHost = host } else { newHost = try allocateClusters(upTo: 1).host }
         do {
             try writeData(UnsafeRawBufferPointer(buffer), at: newHost + (regionStart - clusterStart))
+            // Copied bytes before the entry naming them, as in writeClusterLocked.
+            if !QCOW2Device.isZero(UnsafeRawBufferPointer(rebasing: buffer[..<offsetInRegion]))
+                || !QCOW2Device.isZero(UnsafeRawBufferPointer(rebasing: buffer[(offsetInRegion + data.count)...])) {
+                try syncData()
+            }
         } catch {
             if host == nil { unallocate(host: newHost, count: 1) }
             throw error

@@ -110,6 +110,11 @@ extension QCOW2Device {
         }
     }
 
+    /// Makes the guest data written so far durable.
+    func syncData() throws(DeviceError) {
+        do throws(Errno) { try dataTarget.sync() } catch { throw .system(error, "fdatasync") }
+    }
+
     /// Writes guest data to a host offset: the data file, or the image file
     /// through the overlap check.
     func writeData(_ raw: UnsafeRawBufferPointer, at offset: UInt64) throws(DeviceError) {

@@ -236,6 +236,13 @@ final class RefcountManager: @unchecked Sendable {
                 runs.append(Run(first: endCluster, count: extra, fresh: true))
             }
             fileEnd = (endCluster + extra) << UInt64(clusterBits)
+            // The file covers the reserve (sparsely) before any L2 entry can name it: a power
+            // cut must not leave an entry pointing past the end of the file.
+            do throws(Errno) {
+                if try file.size() < fileEnd { try file.truncate(to: fileEnd) }
+            } catch {
+                throw .system(error, "extending the qcow2 image file to \(fileEnd)")
+            }
         }
         var raised: [UInt64] = []
         do {
@@ -290,13 +297,22 @@ final class RefcountManager: @unchecked Sendable {
             try setRefcount(of: blockOffset, to: 1)
         }
         metadata?.insert(blockOffset, length: clusterSize)
-        try write(bytes, at: blockOffset, what: "refcount block")
+        do {
+            try write(bytes, at: blockOffset, what: "refcount block")
+        } catch {
+            // Disk full: the block's cluster was counted but nothing names it; uncount it.
+            metadata?.remove(blockOffset, length: clusterSize)
+            if !selfCovering { try? setRefcount(of: blockOffset, to: 0) }
+            throw error
+        }
         blocks[blockOffset] = bytes
         do {
             try sync()  // the block (and its own refcount) before the table entry naming it
             try write(QCOW2Device.bigEndianBytes(blockOffset), at: tableOffset + tableIndex * 8, what: "refcount table")
         } catch {
             blocks[blockOffset] = nil  // memory stays equal to the disk: no block for this range
+            metadata?.remove(blockOffset, length: clusterSize)
+            if !selfCovering { try? setRefcount(of: blockOffset, to: 0) }
             throw error
         }
         table[Int(tableIndex)] = blockOffset

@@ -60,6 +60,10 @@ struct SwiftNBD: ParsableCommand {
     @Option(name: .customLong("detect-zeroes"), help: "Turn all-zero writes into zeroing: off (default), on or unmap.")
     var detectZeroes: ZeroDetection = .off
 
+    @Option(name: .customLong("backing-dir"),
+            help: "Serve backing and data files only from under this directory (repeatable; default: anywhere).")
+    var backingDirectories: [String] = []
+
     @Flag(name: [.customShort("A"), .customLong("allocation-depth")],
           help: "Offer the qemu:allocation-depth metadata context.")
     var allocationDepth = false
@@ -137,6 +141,8 @@ struct SwiftNBD: ParsableCommand {
         options.temporarySnapshot = snapshot
         options.discard = discard
         options.detectZeroes = detectZeroes
+        options.backingDirectories = backingDirectories.isEmpty ? nil : backingDirectories
+        options.logger = logger
         let export = try SwiftNBDKit.openExport(options)
 
         let listeners: [Socket]

@@ -75,7 +75,7 @@ import TestSupport
 
         let unitDir = root.file("usr/lib/systemd/system")
         let template = try String(contentsOfFile: unitDir + "/swiftnbd@.service", encoding: .utf8)
-        #expect(template.contains("ExecStart=\(root.file("usr/bin/swiftnbd")) $SWIFTNBD_OPTS ${IMAGE}\n"))
+        #expect(template.contains("ExecStart=\(root.file("usr/bin/swiftnbd")) --backing-dir /var/lib/swiftnbd $SWIFTNBD_OPTS ${IMAGE}\n"))
         #expect(template.contains("EnvironmentFile=\(root.file("etc/swiftnbd"))/%i.conf\n"))
         #expect(FileManager.default.fileExists(atPath: root.file("etc/firewalld/services/swiftnbd.xml")))
 

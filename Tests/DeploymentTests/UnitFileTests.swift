@@ -26,7 +26,7 @@ import TestSupport
     @Test func shippedUnitsNameTheBinaryTheMakefileInstalls() throws {
         for name in Paths.unitNames where name.hasSuffix(".service") {
             let text = try String(contentsOfFile: Paths.repo("systemd/\(name)"), encoding: .utf8)
-            #expect(text.contains("ExecStart=\(Paths.shippedBinaryPath) $SWIFTNBD_OPTS ${IMAGE}\n"), "\(name)")
+            #expect(text.contains("ExecStart=\(Paths.shippedBinaryPath) --backing-dir /var/lib/swiftnbd $SWIFTNBD_OPTS ${IMAGE}\n"), "\(name)")
         }
     }
 

@@ -6,6 +6,9 @@ public final class FileFaults: Sendable {
     /// Writes (and syncs and hole punches) allowed before every later one
     /// fails with `error`, as if the process died or the disk filled up.
     public let writesLeft = Atomic<Int>(.max)
+    /// Writes ending past this many bytes fail with ENOSPC, as on a full disk
+    /// (overwrites inside it and sparse extensions still succeed).
+    public let sizeLimit = Atomic<UInt64>(.max)
     /// ENOSPC by default; EIO for a crash.
     public let errorCode = Atomic<Int32>(Errno.noSpace.code)
     /// Runs before each read of `length` bytes at `offset`.
@@ -38,6 +41,7 @@ public struct FaultInjectingFile: PositionalFile {
     }
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws(Errno) {
         try faults.permit()
+        if offset + UInt64(data.count) > faults.sizeLimit.load(ordering: .relaxed) { throw Errno.noSpace }
         try base.write(data, at: offset)
     }
     public func sync() throws(Errno) {
@@ -53,7 +57,10 @@ public struct FaultInjectingFile: PositionalFile {
         try base.zeroRange(at: offset, length: length)
     }
     public func size() throws(Errno) -> UInt64 { try base.size() }
-    public func truncate(to size: UInt64) throws(Errno) { try base.truncate(to: size) }
+    public func truncate(to size: UInt64) throws(Errno) {
+        try faults.permit()
+        try base.truncate(to: size)
+    }
     public func nextData(from offset: UInt64) throws(Errno) -> UInt64? { try base.nextData(from: offset) }
     public func nextHole(from offset: UInt64) throws(Errno) -> UInt64 { try base.nextHole(from: offset) }
     public func prefetch(at offset: UInt64, length: UInt64) { base.prefetch(at: offset, length: length) }
@@ -68,6 +75,8 @@ public final class WriteJournal: Sendable {
         case write(file: Int, offset: UInt64, bytes: [UInt8])
         /// A range of a file deallocated (reads as zeros afterwards).
         case punch(file: Int, offset: UInt64, length: UInt64)
+        /// The file's size set (ftruncate).
+        case truncate(file: Int, size: UInt64)
         /// fdatasync of one file returned: its earlier events are durable.
         case sync(file: Int)
     }
@@ -121,7 +130,10 @@ struct JournaledFile: PositionalFile {
         try base.read(into: buffer, at: offset, zeroFillPastEOF: zeroFillPastEOF)
     }
     func size() throws(Errno) -> UInt64 { try base.size() }
-    func truncate(to size: UInt64) throws(Errno) { try base.truncate(to: size) }
+    func truncate(to size: UInt64) throws(Errno) {
+        try base.truncate(to: size)
+        journal.record(.truncate(file: index, size: size))
+    }
     func nextData(from offset: UInt64) throws(Errno) -> UInt64? { try base.nextData(from: offset) }
     func nextHole(from offset: UInt64) throws(Errno) -> UInt64 { try base.nextHole(from: offset) }
     func prefetch(at offset: UInt64, length: UInt64) { base.prefetch(at: offset, length: length) }
