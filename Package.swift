@@ -30,7 +30,8 @@ let package = Package(
         // What an export is: the BlockDevice protocol and the raw-file device.
         .target(name: "BlockDevice", dependencies: ["SystemIO"], swiftSettings: swiftSettings),
         // The qcow2 image engine. Knows nothing of NBD.
-        .target(name: "QCOW2", dependencies: ["BlockDevice", "SystemIO", "CZlib", "CZstd"],
+        .target(name: "QCOW2", dependencies: ["BlockDevice", "SystemIO", "CZlib", "CZstd",
+                                             .product(name: "Logging", package: "swift-log")],
                 swiftSettings: swiftSettings),
         // TLS sessions and credentials over GnuTLS. Knows nothing of NBD.
         .target(name: "TLS", dependencies: ["CGnuTLS", "SystemIO"], swiftSettings: swiftSettings),
@@ -68,7 +69,8 @@ let package = Package(
                     swiftSettings: swiftSettings),
         .testTarget(name: "NBDMetricsTests", dependencies: ["NBDMetrics", "NBDServer", "NBDProtocol", "BlockDevice"],
                     swiftSettings: swiftSettings),
-        .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "BlockDevice", "TestSupport"],
+        .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "BlockDevice", "SystemIO", "TestSupport",
+                                                .product(name: "Logging", package: "swift-log")],
                     swiftSettings: swiftSettings),
         .testTarget(name: "IntegrationTests",
                     dependencies: ["TestSupport", "CLibNBD", "NBDProtocol", "SystemIO", "swiftnbd"],

@@ -20,6 +20,9 @@ public struct DeviceError: Error, Sendable, Equatable, CustomStringConvertible {
     }
     public var kind: Kind
     public var reason: String
+    /// The device found its own metadata inconsistent (a qcow2 image then
+    /// marks itself corrupt). Still an I/O error to clients.
+    public var isCorruption = false
 
     public init(_ kind: Kind, _ reason: String) {
         self.kind = kind

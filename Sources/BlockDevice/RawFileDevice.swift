@@ -2,15 +2,16 @@ import SystemIO
 
 /// A raw image: the file's bytes are the disk's bytes.
 public final class RawFileDevice: BlockDevice {
-    public let file: FileHandle
+    public let file: any PositionalFile
     public let size: UInt64
     public let capabilities: DeviceCapabilities
     private let readOnly: Bool
 
-    /// Opens `path`; throws with the reason on failure.
-    public init(path: String, readOnly: Bool) throws(DeviceError) {
+    /// Opens `path` with `opener` (tests pass one that wraps the file);
+    /// throws with the reason on failure.
+    public init(path: String, readOnly: Bool, opener: FileOpener = FileHandle.opener) throws(DeviceError) {
         do {
-            file = try FileHandle.open(path, mode: readOnly ? .readOnly : .readWrite)
+            file = try opener(path, readOnly ? .readOnly : .readWrite)
         } catch {
             throw DeviceError(errno: error, "cannot open '\(path)'")
         }

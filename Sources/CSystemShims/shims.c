@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <pthread.h>
 #include <sched.h>
@@ -24,4 +25,10 @@ int cshim_available_processors(void) {
     if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n > 0 ? (int)n : 1;
+}
+
+int cshim_stat_mode(const char *path) {
+    struct stat st;
+    if (stat(path, &st) != 0) return -1;
+    return (int)st.st_mode;
 }

@@ -23,7 +23,7 @@ enum Bitmaps {
         return offsets
     }
 
-    static func markInUse(file: FileHandle, header: QCOW2Header, fileSize: UInt64) throws(QCOW2Error) {
+    static func markInUse(file: any PositionalFile, header: QCOW2Header, fileSize: UInt64) throws(QCOW2Error) {
         let size = header.bitmapDirectorySize, offset = header.bitmapDirectoryOffset
         guard header.bitmapCount > 0, size <= 64 << 20, offset <= fileSize, size <= fileSize - offset,
               offset & (header.clusterSize - 1) == 0 else {

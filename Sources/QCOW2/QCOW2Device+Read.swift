@@ -8,18 +8,9 @@ extension QCOW2Device {
     /// never crossing an L2 table.
     func run(at offset: UInt64, limit: UInt64) throws(DeviceError) -> (Mapping, UInt64) {
         let g = geometry
-        let l1Index = offset / g.bytesPerL2
         let within = offset % g.bytesPerL2
         let length = min(limit, g.bytesPerL2 - within)
-        let l1Entry = l1Table.withLock { l1Index < UInt64($0.count) ? $0[Int(l1Index)] : 0 }
-        let l2Offset = l1Entry & EntryBits.offsetMask
-        guard l2Offset != 0 else { return (.unallocated, length) }
-        guard l2Offset & (g.clusterSize - 1) == 0 else {
-            throw DeviceError(.io, "qcow2 metadata: L1 entry \(l1Index) points to misaligned L2 table at \(l2Offset)")
-        }
-        let table = try l2Cache.table(at: l2Offset) { () throws(DeviceError) in
-            try loadL2Table(at: l2Offset, l1Index: l1Index)
-        }
+        guard let table = try activeL2(l1Index: Int(offset / g.bytesPerL2))?.table else { return (.unallocated, length) }
         return table.run(at: within, limit: length, geometry: g)
     }
 
@@ -45,7 +36,7 @@ extension QCOW2Device {
             imageFileSize.store(current, ordering: .relaxed)
             if offset < current { return }
         }
-        throw DeviceError(.io, "qcow2 metadata: \(what) at offset \(offset) is beyond the end of the image file")
+        throw .corruption("\(what) at offset \(offset) is beyond the end of the image file")
     }
 }
 
@@ -92,7 +83,7 @@ extension QCOW2Device {
                 guard try readCompressed(into: target, guestOffset: guest, host: host,
                                          compressedLength: compressedLength) else { return false }
             case .invalid(let reason):
-                throw DeviceError(.io, "qcow2 metadata at virtual offset \(guest): \(reason)")
+                throw .corruption("at virtual offset \(guest): \(reason)")
             case .data:
                 break
             }
@@ -112,7 +103,7 @@ extension QCOW2Device {
     /// readable until unpinned.
     private func pin(host: UInt64, length: UInt64, guest: UInt64, compressed: Bool) throws(DeviceError) -> Bool {
         guard writable, dataFile == nil else { return true }
-        inFlight.withLock { $0.append(host..<host + length) }
+        hostRanges.pin(host..<host + length)
         var still = true
         if compressed {
             if case .compressed(let now, _) = try run(at: guest, limit: 1).0 { still = now == host } else { still = false }
@@ -129,9 +120,7 @@ extension QCOW2Device {
 
     private func unpin(host: UInt64, length: UInt64) {
         guard writable else { return }
-        inFlight.withLock { ranges in
-            if let i = ranges.firstIndex(of: host..<host + length) { ranges.remove(at: i) }
-        }
+        hostRanges.unpin(host..<host + length)
     }
 
     private func readData(into buffer: UnsafeMutableRawBufferPointer, from start: Int, count: Int,
@@ -146,7 +135,6 @@ extension QCOW2Device {
             return true
         }
         try requireInImage(host, length: UInt64(count), what: "data cluster")
-        testHookBeforeDataRead?(guest)
         guard try pin(host: host, length: UInt64(count), guest: guest, compressed: false) else { return false }
         defer { unpin(host: host, length: UInt64(count)) }
         do throws(Errno) { try file.read(into: target, at: host, zeroFillPastEOF: true) } catch {
@@ -232,7 +220,7 @@ extension QCOW2Device {
             case .unallocated:
                 try appendBackingExtents(to: &result, at: position, length: runLength)
             case .invalid(let reason):
-                throw DeviceError(.io, "qcow2 metadata at virtual offset \(position): \(reason)")
+                throw .corruption("at virtual offset \(position): \(reason)")
             }
             position += runLength
         }
@@ -312,7 +300,7 @@ extension QCOW2Device {
             case .data, .compressed, .zero:
                 append(runLength, 1)
             case .invalid(let reason):
-                throw DeviceError(.io, "qcow2 metadata at virtual offset \(position): \(reason)")
+                throw .corruption("at virtual offset \(position): \(reason)")
             case .unallocated:
                 if let backing = backing as? QCOW2Device {
                     var p = position

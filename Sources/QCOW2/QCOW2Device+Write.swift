@@ -8,16 +8,17 @@ import SystemIO
 /// in place without holding the metadata lock, so such writes run in
 /// parallel. Anything that changes metadata (allocation, copy-on-write from
 /// a backing file, compressed or snapshot-shared cluster, zero flags, trim)
-/// runs under `metadataLock`, in the order that makes a crash harmless:
-/// the new cluster's refcount, then its data, then the L2 entry, then
-/// freeing what the entry pointed to before. A crash leaves at worst
-/// leaked clusters (see CrashTests).
+/// runs under `metadataLock`, in the order that makes a crash or a power
+/// cut harmless: the new cluster's refcount (synced, from the allocator's
+/// reserve), then its data, then the L2 entry; the release of what the
+/// entry pointed to before waits for the next sync point
+/// (`QCOW2Device+Commit.swift`). A crash or power cut leaves at worst
+/// leaked clusters (see CrashTests and PowerCutTests).
 ///
-/// Refcounts are updated eagerly, so the dirty bit is never set (lazy
-/// refcounts are allowed, not required, by the spec); a dirty image from
-/// qemu is repaired at open (`RefcountRepair`). Writes in place and reads
-/// pin their host ranges in `inFlight` so a cluster freed under them is not
-/// reused until they finish.
+/// With lazy_refcounts the dirty bit is set before refcounts may lag, and
+/// cleared at close; a dirty image is repaired at open (`RefcountRepair`).
+/// Writes in place and reads pin their host ranges (`HostRangeGuard`) so a
+/// cluster freed under them is not reused until they finish.
 ///
 /// An allocating write holds `metadataLock` only to decide and allocate and
 /// then to update the L2 entry; its copy-on-write read and data write run
@@ -57,19 +58,16 @@ extension QCOW2Device {
 
     public func flush() throws(DeviceError) {
         guard writable else { return }
-        do throws(Errno) {
-            try dataFile?.sync()
-            try file.sync()
-        } catch {
-            throw .system(error, "fdatasync")
-        }
+        do throws(Errno) { try dataFile?.sync() } catch { throw .system(error, "fdatasync of the data file") }
+        try withMetadataLock { () throws(DeviceError) in try commit(durable: true) }
     }
 
     /// Makes a range read as zeros: v3 images set the zero flag on whole
     /// clusters (keeping the allocation unless `mayDeallocate`), partial
     /// clusters and v2 images get real zeros, and parts that already read
-    /// as zeros are left alone. `fast` is refused (`.notSupported`) unless
-    /// no data has to be written.
+    /// as zeros are left alone. Whole clusters go a run (up to one L2
+    /// table) at a time. `fast` is refused (`.notSupported`) unless no data
+    /// has to be written.
     public func writeZeroes(at offset: UInt64, length: UInt64, mayDeallocate: Bool, fast: Bool,
                             fua: Bool) throws(DeviceError) {
         try requireWritable(offset: offset, length: length)
@@ -82,29 +80,36 @@ extension QCOW2Device {
             // Partial clusters at the edges, and everything without zero flags, must already be zeros.
             var cheap = try readsAsZeros(at: offset, length: head)
             if cheap { cheap = try readsAsZeros(at: tailStart, length: end - tailStart) }
-            if cheap && !flags { cheap = try readsAsZeros(at: offset, length: length) }
+            if cheap && !flags && !(mayDeallocate && backing == nil && dataFile == nil) {
+                cheap = try readsAsZeros(at: offset, length: length)
+            }
             guard cheap else { throw DeviceError(.notSupported, "qcow2: zeroing this range needs data writes") }
         }
         var position = offset
         while position < end {
             let clusterStart = position & ~(cluster - 1)
             let clusterEnd = min(clusterStart + cluster, size)
+            if position == clusterStart && clusterEnd <= end {
+                // Whole clusters, up to the end of the range or of this L2 table.
+                let tableEnd = (position / geometry.bytesPerL2 + 1) * geometry.bytesPerL2
+                let runEnd = min(tableEnd, end == size ? end : end & ~(cluster - 1))
+                let count = Int((runEnd - position + cluster - 1) / cluster)
+                let done: UInt64
+                if flags {
+                    done = try zeroWholeClusters(from: position, count: count, mode: .zeroFlag(deallocate: mayDeallocate))
+                } else if mayDeallocate && backing == nil && dataFile == nil {
+                    // v2 without a backing file: an unallocated cluster reads as zeros.
+                    done = try zeroWholeClusters(from: position, count: count, mode: .deallocate)
+                } else {
+                    try writeZeroBytesWhereNeeded(at: position, length: runEnd - position)
+                    done = runEnd - position
+                }
+                position = min(position + done, end)
+                continue
+            }
             let n = min(clusterEnd, end) - position
-            let whole = position == clusterStart && position + n == clusterEnd
-            if try readsAsZeros(at: position, length: n, unallocatedOnly: whole && mayDeallocate) {
-                // Already zeros (a zero cluster, or unallocated with nothing below), and
-                // nothing to deallocate: leave the metadata alone.
-            } else if whole && flags {
-                try clusterLock(for: clusterStart).mutex.withLock { _ throws(DeviceError) in
-                    try withMetadataLock { () throws(DeviceError) in
-                        try zeroCluster(at: clusterStart, deallocate: mayDeallocate)
-                    }
-                }
-            } else if whole && mayDeallocate && backing == nil && dataFile == nil {
-                // v2 without a backing file: an unallocated cluster reads as zeros.
-                try clusterLock(for: clusterStart).mutex.withLock { _ throws(DeviceError) in
-                    try withMetadataLock { () throws(DeviceError) in try deallocateCluster(at: clusterStart) }
-                }
+            if try readsAsZeros(at: position, length: n) {
+                // Already zeros: leave the metadata alone.
             } else if flags && geometry.extendedL2, try zeroSubclusters(at: position, length: n) {
                 // Whole subclusters got their zero bits; the partial ones at the edges got zeros.
             } else {
@@ -124,20 +129,30 @@ extension QCOW2Device {
         let cluster = geometry.clusterSize
         var position = (offset + cluster - 1) & ~(cluster - 1)
         let end = offset + length == size ? size : (offset + length) & ~(cluster - 1)
-        while position < end {
-            let clusterStart = position
-            if backing == nil {
-                try clusterLock(for: clusterStart).mutex.withLock { _ throws(DeviceError) in
-                    try withMetadataLock { () throws(DeviceError) in try deallocateCluster(at: clusterStart) }
-                }
-            } else if canUseZeroFlag {
-                try clusterLock(for: clusterStart).mutex.withLock { _ throws(DeviceError) in
-                    try withMetadataLock { () throws(DeviceError) in try zeroCluster(at: clusterStart, deallocate: true) }
-                }
+        let mode: ZeroMode? = backing == nil ? .deallocate : canUseZeroFlag ? .zeroFlag(deallocate: true) : nil
+        if let mode {
+            while position < end {
+                let tableEnd = (position / geometry.bytesPerL2 + 1) * geometry.bytesPerL2
+                let runEnd = min(tableEnd, end)
+                let count = Int((runEnd - position + cluster - 1) / cluster)
+                position = min(position + (try zeroWholeClusters(from: position, count: count, mode: mode)), end)
             }
-            position += cluster
         }
         if fua { try flush() }
+    }
+
+    /// `zeroClusterRun` over `count` clusters from `start`, taking the
+    /// cluster lock of any cluster another write is allocating. Returns the
+    /// bytes handled.
+    private func zeroWholeClusters(from start: UInt64, count: Int, mode: ZeroMode) throws(DeviceError) -> UInt64 {
+        var done = try zeroClusterRun(from: start, count: count, mode: mode)
+        if done == 0 {
+            // The first cluster is being allocated: wait for that write, then zero it.
+            done = try clusterLock(for: start).mutex.withLock { _ throws(DeviceError) -> Int in
+                try zeroClusterRun(from: start, count: 1, mode: mode)
+            }
+        }
+        return min(UInt64(done) << UInt64(geometry.clusterBits), size - start)
     }
 
     private var canUseZeroFlag: Bool { header.version >= 3 && !header.dataFileIsRaw }
@@ -164,22 +179,44 @@ extension QCOW2Device {
 
     /// Whether the range reads as zeros from metadata alone: zero clusters,
     /// or unallocated ones with no backing data below (data is not scanned).
-    /// With `unallocatedOnly`, zero clusters (which may hold an allocation) don't count.
-    private func readsAsZeros(at offset: UInt64, length: UInt64,
-                              unallocatedOnly: Bool = false) throws(DeviceError) -> Bool {
+    private func readsAsZeros(at offset: UInt64, length: UInt64) throws(DeviceError) -> Bool {
         // A raw data file must hold the zeros itself, whatever the metadata says.
         guard !header.dataFileIsRaw || length == 0 else { return false }
         var position = offset
         while position < offset + length {
             let (mapping, n) = try run(at: position, limit: offset + length - position)
             switch mapping {
-            case .zero where !unallocatedOnly: break
+            case .zero: break
             case .unallocated where backing == nil || position >= backing!.size: break
             default: return false
             }
             position += n
         }
         return true
+    }
+
+    /// Writes zeros over the parts of the range that don't already read as zeros.
+    private func writeZeroBytesWhereNeeded(at offset: UInt64, length: UInt64) throws(DeviceError) {
+        let end = offset + length
+        var position = offset
+        var stretch: UInt64?  // start of the current run that needs zeros
+        while position < end {
+            let (mapping, n) = try run(at: position, limit: end - position)
+            var zero = false
+            switch mapping {
+            case .zero: zero = !header.dataFileIsRaw
+            case .unallocated: zero = !header.dataFileIsRaw && (backing == nil || position >= backing!.size)
+            default: break
+            }
+            if zero, let start = stretch {
+                try writeZeroBytes(at: start, length: position - start)
+                stretch = nil
+            } else if !zero && stretch == nil {
+                stretch = position
+            }
+            position += n
+        }
+        if let start = stretch { try writeZeroBytes(at: start, length: end - start) }
     }
 
     private func requireWritable(offset: UInt64, length: UInt64) throws(DeviceError) {
@@ -192,28 +229,33 @@ extension QCOW2Device {
         }
     }
 
+    /// Writes zeros through `write`, at most 1 MiB of them at a time.
     private func writeZeroBytes(at offset: UInt64, length: UInt64) throws(DeviceError) {
-        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(length), alignment: 8)
+        let chunk = Int(min(length, 1 << 20))
+        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
         defer { zeros.deallocate() }
         zeros.initializeMemory(as: UInt8.self, repeating: 0)
-        try write(UnsafeRawBufferPointer(zeros), at: offset, fua: false)
+        var done: UInt64 = 0
+        while done < length {
+            let n = Int(min(UInt64(chunk), length - done))
+            try write(UnsafeRawBufferPointer(rebasing: zeros[..<n]), at: offset + done, fua: false)
+            done += UInt64(n)
+        }
     }
 
     /// Runs `body` under the metadata lock. Inconsistent metadata found on the
-    /// way marks the image corrupt (spec, incompatible bit 1).
+    /// way (`DeviceError.isCorruption`) marks the image corrupt (spec,
+    /// incompatible bit 1) and is logged once.
     func withMetadataLock<T>(_ body: () throws(DeviceError) -> T) throws(DeviceError) -> T {
         do {
             return try metadataLock.withLock { _ throws(DeviceError) in try body() }
         } catch {
-            if error.kind == .io && error.reason.hasPrefix("qcow2 metadata") { markCorrupt() }
+            if error.isCorruption && !markedCorrupt.load(ordering: .relaxed) {
+                logger.error("qcow2: metadata is inconsistent; marking the image corrupt",
+                             metadata: ["qcow2.image": "\(path)", "qcow2.reason": "\(error.reason)"])
+                markCorrupt()
+            }
             throw error
         }
-    }
-
-    private func markCorrupt() {
-        guard !markedCorrupt.exchange(true, ordering: .relaxed), header.version >= 3 else { return }
-        let features = header.incompatibleFeatures.union(.corrupt).rawValue
-        try? writeBytes(QCOW2Device.bigEndianBytes(features), at: 72, what: "header")
-        try? file.sync()
     }
 }

@@ -1,4 +1,5 @@
 import BlockDevice
+import Logging
 import Synchronization
 import SystemIO
 
@@ -16,9 +17,13 @@ public final class QCOW2Device: BlockDevice {
     public let snapshots: [QCOW2Snapshot]
 
     let path: String
-    let file: FileHandle
-    /// Where guest clusters live: the external data file, or the image itself.
-    let dataFile: FileHandle?
+    /// The image file, for metadata. Guest data goes through `dataTarget`.
+    let file: any PositionalFile
+    /// The external data file, if the image has one.
+    let dataFile: (any PositionalFile)?
+    /// Where guest clusters are written: the external data file, or the image
+    /// file behind the overlap check (`OverlapGuardedFile`).
+    let dataTarget: any PositionalFile
     let geometry: Geometry
     /// The active (or selected snapshot's) L1 table, entries in host order.
     /// Writers replace entries under `metadataLock` and then this lock.
@@ -26,12 +31,18 @@ public final class QCOW2Device: BlockDevice {
     /// Whether writes are accepted (read-write open, no snapshot selected).
     let writable: Bool
     /// Serialises every metadata change: L1/L2 updates, refcounts, allocation.
+    ///
+    /// Lock order, outermost first: a `clusterLocks` stripe, `metadataLock`,
+    /// then any of `l1Table`, `hostRanges`, an `L2Cache` stripe or the
+    /// `MetadataMap` (leaf locks, never held while taking another).
     let metadataLock = Mutex(())
     /// Refcounts and the allocator; only touched under `metadataLock`. Nil when read-only.
     let refcounts: RefcountManager?
-    /// Host ranges being written in place outside `metadataLock`; the
+    /// Host clusters holding metadata, which guest data writes must never touch. Nil when read-only.
+    let metadataMap: MetadataMap?
+    /// Host ranges read or written in place outside `metadataLock`; the
     /// allocator never hands them out, even if freed meanwhile.
-    let inFlight = Mutex<[Range<UInt64>]>([])
+    let hostRanges = HostRangeGuard()
     /// Set when metadata was found inconsistent while writing; writes are then refused.
     let markedCorrupt = Atomic(false)
     /// Stripes of per-guest-cluster locks: a cluster being allocated, zeroed or
@@ -40,15 +51,15 @@ public final class QCOW2Device: BlockDevice {
     /// Guest clusters whose allocation is under way (see `writeCluster`); only
     /// touched under `metadataLock`.
     let pendingClusters = LockedState<Set<UInt64>>([])
-    /// Test hook: fails every write after a given number, like a crash.
-    let crashSimulator = CrashSimulator()
-    /// Test hook: runs between a read's cluster lookup and its data read, to
-    /// make a concurrent write land in that window. Set before any request.
-    nonisolated(unsafe) var testHookBeforeDataRead: (@Sendable (UInt64) -> Void)?
+    /// Metadata writes waiting for a sync point (see `commit`); under `metadataLock`.
+    let deferred = LockedState(DeferredMetadata())
     let backing: (any BlockDevice)?
+    /// Paths of the backing chain below this image, nearest first.
+    public let backingChain: [String]
     let l2Cache: L2Cache
     /// The image file's size, for bounds checks on metadata; refreshed on demand.
     let imageFileSize: Atomic<UInt64>
+    let logger: Logger
 
     /// Opens the qcow2 image at `path`.
     /// - Parameters:
@@ -64,13 +75,13 @@ public final class QCOW2Device: BlockDevice {
     /// - Parameter chain: canonical paths of this image and those above it, top first.
     init(path: String, readOnly: Bool, options: QCOW2Options, chain: [String]) throws(QCOW2Error) {
         let writable = !readOnly && options.snapshot == nil
-        let file: FileHandle
+        let file: any PositionalFile
         do throws(Errno) {
-            file = try FileHandle.open(path, mode: writable ? .readWrite : .readOnly)
+            file = try options.opener(path, writable ? .readWrite : .readOnly)
         } catch {
             throw .cannotOpen(path: path, reason: error.description)
         }
-        var opened: [FileHandle] = [file]
+        var opened: [any PositionalFile] = [file]
         var backingDevice: (any BlockDevice)?
         do throws(QCOW2Error) {
             let fileSize = try QCOW2Device.fileSize(file)
@@ -95,8 +106,10 @@ public final class QCOW2Device: BlockDevice {
             }
             var l1Table = try QCOW2Device.readTable(file, at: l1Offset, entries: Int(l1Size))
             var refcounts: RefcountManager?
+            var metadataMap: MetadataMap?
             if writable {
-                refcounts = try RefcountManager(file: file, header: header, fileSize: fileSize)
+                metadataMap = MetadataMap(clusterBits: Int(header.clusterBits))
+                refcounts = try RefcountManager(file: file, header: header, fileSize: fileSize, metadata: metadataMap)
                 // A dirty image (lazy refcounts, not closed cleanly) has stale refcounts:
                 // rebuild them before the first write (spec, incompatible bit 0).
                 if header.incompatibleFeatures.contains(.dirty) {
@@ -122,34 +135,46 @@ public final class QCOW2Device: BlockDevice {
                 }
             }
 
-            var dataFile: FileHandle?
+            var dataFile: (any PositionalFile)?
             if header.incompatibleFeatures.contains(.externalDataFile) {
                 guard let name = header.externalDataFile, !name.isEmpty else {
                     throw .externalDataFileUnavailable(reason: "the image names no external data file")
                 }
                 // Relative names are looked up next to the image first; qemu uses
                 // its working directory, so that is tried second.
-                let dataPath = BackingChain.resolve(name, relativeTo: path)
-                let mode: FileHandle.Mode = writable ? .readWrite : .readOnly
+                var dataPath = BackingChain.resolve(name, relativeTo: path)
+                if !name.hasPrefix("/") && !BackingChain.exists(dataPath) && BackingChain.exists(name) {
+                    dataPath = name
+                }
+                try BackingChain.requireAllowed(dataPath, options: options) { reason in
+                    QCOW2Error.externalDataFileUnavailable(reason: "'\(dataPath)' \(reason)")
+                }
                 do throws(Errno) {
-                    dataFile = try FileHandle.open(dataPath, mode: mode)
+                    dataFile = try options.opener(dataPath, writable ? .readWrite : .readOnly)
                 } catch {
-                    guard !name.hasPrefix("/"), let handle = try? FileHandle.open(name, mode: mode) else {
-                        throw .externalDataFileUnavailable(reason: "cannot open '\(dataPath)': \(error)")
-                    }
-                    dataFile = handle
+                    throw .externalDataFileUnavailable(reason: "cannot open '\(dataPath)': \(error)")
                 }
                 opened.append(dataFile!)
             }
 
+            var backingChain: [String] = []
             if let name = header.backingFile, !name.isEmpty {
-                backingDevice = try BackingChain.open(name: name, format: header.backingFormat, imagePath: path,
-                                                      chain: chain, options: options)
+                let (device, backingPath) = try BackingChain.open(name: name, format: header.backingFormat,
+                                                                  imagePath: path, chain: chain, options: options)
+                backingDevice = device
+                backingChain = [backingPath] + ((device as? QCOW2Device)?.backingChain ?? [])
+            }
+            if let metadataMap {
+                try QCOW2Device.mapMetadata(metadataMap, file: file, header: header, l1Table: l1Table,
+                                            l1Offset: l1Offset, snapshots: snapshots, fileSize: fileSize)
             }
 
             self.path = path
             self.file = file
             self.dataFile = dataFile
+            self.metadataMap = metadataMap
+            self.backingChain = backingChain
+            self.logger = options.logger
             self.header = header
             self.geometry = geometry
             self.snapshots = snapshots
@@ -166,10 +191,28 @@ public final class QCOW2Device: BlockDevice {
                                                    canTrim: writable, canZero: writable, canFastZero: writable,
                                                    canCache: true, canMultiConn: true,
                                                    preferredBlockSize: UInt32(min(geometry.clusterSize, 65536)))
+            if let metadataMap {
+                let logger = options.logger, marker = CorruptionMarker()
+                self.dataTarget = dataFile ?? OverlapGuardedFile(base: file, map: metadataMap) { offset, length in
+                    logger.error("qcow2: refused a data write over metadata; marking the image corrupt",
+                                 metadata: ["qcow2.image": "\(path)", "qcow2.offset": "\(offset)",
+                                            "qcow2.length": "\(length)"])
+                    marker.device?.markCorrupt()
+                }
+                marker.device = self
+            } else {
+                self.dataTarget = dataFile ?? file
+            }
             let clusterSize = geometry.clusterSize
-            refcounts?.crashSimulator = crashSimulator
-            refcounts?.isBusy = { [unowned self] host in
-                self.inFlight.withLock { $0.contains { $0.overlaps(host..<host + clusterSize) } }
+            refcounts?.isUnavailable = { [unowned self] host in
+                metadataMap?.contains(cluster: host) == true
+                    || self.hostRanges.isPinned(host..<host + clusterSize)
+            }
+            if chain.count == 1 {
+                options.logger.info("qcow2 image opened", metadata: [
+                    "qcow2.image": "\(path)", "qcow2.writable": "\(writable)",
+                    "qcow2.backing-chain": "\(backingChain.isEmpty ? "none" : backingChain.joined(separator: " -> "))",
+                ])
             }
         } catch {
             backingDevice?.close()
@@ -179,7 +222,7 @@ public final class QCOW2Device: BlockDevice {
     }
 
     public func close() {
-        try? flush()
+        closeMetadata()
         backing?.close()
         dataFile?.close()
         file.close()
@@ -187,11 +230,11 @@ public final class QCOW2Device: BlockDevice {
 
     // MARK: - Reading metadata at open
 
-    static func fileSize(_ file: FileHandle) throws(QCOW2Error) -> UInt64 {
+    static func fileSize(_ file: any PositionalFile) throws(QCOW2Error) -> UInt64 {
         do throws(Errno) { return try file.size() } catch { throw .io(reason: "fstat: \(error)") }
     }
 
-    static func readBytes(_ file: FileHandle, at offset: UInt64, count: Int) throws(QCOW2Error) -> [UInt8] {
+    static func readBytes(_ file: any PositionalFile, at offset: UInt64, count: Int) throws(QCOW2Error) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
         do throws(Errno) {
             bytes = try file.read(count: count, at: offset)
@@ -210,17 +253,17 @@ public final class QCOW2Device: BlockDevice {
         withUnsafeBytes(of: value.bigEndian) { Array($0) }
     }
 
-    static func readTable(_ file: FileHandle, at offset: UInt64, entries: Int) throws(QCOW2Error) -> [UInt64] {
+    static func readTable(_ file: any PositionalFile, at offset: UInt64, entries: Int) throws(QCOW2Error) -> [UInt64] {
         let bytes = try readBytes(file, at: offset, count: entries * 8)
         return (0..<entries).map { ByteCursor.peek(UInt64.self, in: bytes, at: $0 * 8)! }
     }
 
-    static func readSnapshots(_ file: FileHandle, header: QCOW2Header, fileSize: UInt64)
+    static func readSnapshots(_ file: any PositionalFile, header: QCOW2Header, fileSize: UInt64)
         throws(QCOW2Error) -> [QCOW2Snapshot] {
         try readSnapshotTable(file, header: header, fileSize: fileSize).snapshots
     }
 
-    static func readSnapshotTable(_ file: FileHandle, header: QCOW2Header, fileSize: UInt64)
+    static func readSnapshotTable(_ file: any PositionalFile, header: QCOW2Header, fileSize: UInt64)
         throws(QCOW2Error) -> (snapshots: [QCOW2Snapshot], length: Int) {
         guard header.snapshotCount > 0 else { return ([], 0) }
         let available = Int(min(fileSize - header.snapshotsOffset, UInt64(QCOW2Snapshot.maximumTableBytes)))
@@ -238,6 +281,12 @@ public final class QCOW2Device: BlockDevice {
             want = min(available, want * 4)
         }
     }
+}
+
+/// Lets the overlap check reach the device it guards, which is created after it.
+final class CorruptionMarker: @unchecked Sendable {
+    /// Set once in init, before any request.
+    weak var device: QCOW2Device?
 }
 
 /// One stripe of `QCOW2Device.clusterLocks`.

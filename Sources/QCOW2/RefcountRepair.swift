@@ -8,7 +8,7 @@ import SystemIO
 /// COPIED flags of the active tables are set to match; then the dirty bit
 /// is cleared. Runs once at a read-write open, before any request.
 struct RefcountRepair {
-    let file: FileHandle
+    let file: any PositionalFile
     let header: QCOW2Header
     let geometry: Geometry
     let fileSize: UInt64

@@ -45,15 +45,16 @@ enum RefcountEntry {
 /// allocator built on them. Not thread-safe: every use is under the
 /// device's metadata lock.
 ///
-/// Writes go straight to the file in an order that keeps the image
-/// consistent if the process dies at any point: a refcount block is
-/// written before the table points to it, a new table before the header
-/// points to it, and a cluster's refcount before anything points to the
-/// cluster. The worst a crash leaves is a leaked cluster.
-/// XXX: the order is program order; only flush() (fdatasync) orders it
-/// against power loss, as there is no barrier between dependent writes.
+/// Power-loss order (spec, "Host cluster management"; qemu orders its
+/// caches the same way): a refcount block is on disk (synced) before the
+/// table points to it, a new table before the header points to it, and the
+/// header before the old table is freed. Clusters are handed out from a
+/// reserve whose refcounts were raised and synced beforehand
+/// (`fillReserve`), so an L2 entry never reaches the disk before the
+/// refcount of the cluster it names, and one fdatasync covers a whole batch
+/// of allocations. A power cut leaks at most the unused reserve.
 final class RefcountManager: @unchecked Sendable {
-    let file: FileHandle
+    let file: any PositionalFile
     let clusterBits: Int
     let clusterSize: UInt64
     let order: Int
@@ -66,17 +67,32 @@ final class RefcountManager: @unchecked Sendable {
     private(set) var fileEnd: UInt64
     /// No free cluster lies below this cluster index.
     private var freeCursor: UInt64 = 0
-    /// Clusters with I/O in flight outside the lock; never handed out again until it ends.
-    var isBusy: (UInt64) -> Bool = { _ in false }
-    var crashSimulator: CrashSimulator?
+    /// Clusters the allocator must skip whatever their refcount: I/O in
+    /// flight outside the lock, or metadata (overlap protection).
+    var isUnavailable: (UInt64) -> Bool = { _ in false }
+    /// Metadata clusters this manager creates or frees (refcount blocks and tables).
+    let metadata: MetadataMap?
     /// Set when a refcount table move failed half-way; refcounts are then left alone.
     private var broken = false
     /// Clusters `allocate` handed out and clusters whose refcount reached zero, for metrics.
     let allocatedClusters = Atomic<UInt64>(0)
     let freedClusters = Atomic<UInt64>(0)
 
-    init(file: FileHandle, header: QCOW2Header, fileSize: UInt64) throws(QCOW2Error) {
+    /// A run of clusters whose refcount is already 1. `fresh` runs lie past
+    /// anything ever written, so they read as zeros.
+    struct Run: Equatable {
+        var first: UInt64
+        var count: UInt64
+        var fresh: Bool
+    }
+    private(set) var reserve: [Run] = []
+    /// How many clusters the next refill asks for; doubles up to `maximumReserve`.
+    private var reserveTarget: UInt64
+    let maximumReserve: UInt64
+
+    init(file: any PositionalFile, header: QCOW2Header, fileSize: UInt64, metadata: MetadataMap?) throws(QCOW2Error) {
         self.file = file
+        self.metadata = metadata
         clusterBits = Int(header.clusterBits)
         clusterSize = header.clusterSize
         order = Int(header.refcountOrder)
@@ -85,6 +101,15 @@ final class RefcountManager: @unchecked Sendable {
         table = try QCOW2Device.readTable(file, at: header.refcountTableOffset,
                                           entries: Int(UInt64(header.refcountTableClusters) * clusterSize / 8))
         fileEnd = (fileSize + clusterSize - 1) & ~(clusterSize - 1)
+        // 256 KiB first, growing to 32 MiB (or 64 clusters): few syncs for streaming writes,
+        // little leaked by a power cut during a small one.
+        reserveTarget = max(4, (256 << 10) >> UInt64(clusterBits))
+        maximumReserve = max(64, (32 << 20) >> UInt64(clusterBits))
+        metadata?.insert(tableOffset, length: UInt64(header.refcountTableClusters) * clusterSize)
+        // Blocks past the end of the file are broken metadata, found when used; not mapped.
+        for entry in table where entry & EntryBits.offsetMask != 0 && entry & EntryBits.offsetMask < fileSize {
+            metadata?.insert(entry & EntryBits.offsetMask, length: clusterSize)
+        }
     }
 
     // MARK: - Reading
@@ -92,7 +117,7 @@ final class RefcountManager: @unchecked Sendable {
     private func block(at offset: UInt64) throws(DeviceError) -> [UInt8] {
         if let cached = blocks[offset] { return cached }
         guard offset & (clusterSize - 1) == 0, offset + clusterSize <= fileEnd else {
-            throw DeviceError(.io, "qcow2 metadata: refcount block at \(offset) is misaligned or past the end")
+            throw .corruption("refcount block at \(offset) is misaligned or past the end")
         }
         let bytes: [UInt8]
         do throws(Errno) {
@@ -143,54 +168,119 @@ final class RefcountManager: @unchecked Sendable {
     }
 
     /// Adds `delta` to the refcount of the cluster at `host`; a result below
-    /// zero means the metadata is inconsistent.
-    func adjustRefcount(of host: UInt64, by delta: Int) throws(DeviceError) {
+    /// zero means the metadata is inconsistent. Returns the new refcount.
+    @discardableResult
+    func adjustRefcount(of host: UInt64, by delta: Int) throws(DeviceError) -> UInt64 {
         let current = try refcount(of: host)
         if delta < 0 && current < UInt64(-delta) {
-            throw DeviceError(.io, "qcow2 metadata: refcount of cluster at \(host) would drop below zero")
+            throw .corruption("refcount of cluster at \(host) would drop below zero")
         }
-        try setRefcount(of: host, to: delta < 0 ? current - UInt64(-delta) : current + UInt64(delta))
-        if delta < 0 && current == UInt64(-delta) { freedClusters.add(1, ordering: .relaxed) }
+        let value = delta < 0 ? current - UInt64(-delta) : current + UInt64(delta)
+        try setRefcount(of: host, to: value)
+        if delta < 0 && value == 0 { freedClusters.add(1, ordering: .relaxed) }
+        return value
     }
 
-    /// Allocates `count` contiguous clusters with refcount 1: the first free
-    /// run inside the file, else at its end. Returns the first host offset.
-    func allocate(count: Int = 1) throws(DeviceError) -> UInt64 {
+    // MARK: - Allocation
+
+    /// Takes up to `count` contiguous clusters from the reserve: the first
+    /// host offset, how many, and whether they read as zeros. Nil when the
+    /// reserve is empty (refill it with `fillReserve` after a sync point).
+    func take(upTo count: Int) -> (host: UInt64, count: Int, fresh: Bool)? {
+        guard !reserve.isEmpty else { return nil }
+        let n = min(UInt64(count), reserve[0].count)
+        let run = reserve[0]
+        if n == run.count { reserve.removeFirst() } else {
+            reserve[0].first += n
+            reserve[0].count -= n
+        }
+        allocatedClusters.add(n, ordering: .relaxed)
+        return (run.first << UInt64(clusterBits), Int(n), run.fresh)
+    }
+
+    /// Puts clusters taken but not used (their data write failed) back in
+    /// the reserve; their refcount is still 1 and nothing points at them.
+    func giveBack(host: UInt64, count: Int) {
+        reserve.insert(Run(first: host >> UInt64(clusterBits), count: UInt64(count), fresh: false), at: 0)
+        allocatedClusters.subtract(UInt64(count), ordering: .relaxed)
+    }
+
+    var reserveIsEmpty: Bool { reserve.isEmpty }
+
+    /// Raises the refcount of at least `minimum` free clusters to 1 and
+    /// returns them, for the reserve once synced (`addToReserve`). On failure
+    /// (ENOSPC) the refcounts raised so far are put back to 0.
+    func claimFree(minimum: Int) throws(DeviceError) -> [Run] {
+        let want = max(UInt64(minimum), reserveTarget)
+        reserveTarget = min(maximumReserve, reserveTarget * 2)
+        var runs: [Run] = []
+        var found: UInt64 = 0
         let endCluster = fileEnd >> UInt64(clusterBits)
-        var candidate = freeCursor, runStart: UInt64 = 0, run: UInt64 = 0
+        var candidate = freeCursor
         var allUsedSoFar = true
-        while candidate < endCluster && run < UInt64(count) {
+        // Free clusters inside the file first, in runs; the rest from its end.
+        while candidate < endCluster && found < want {
             let host = candidate << UInt64(clusterBits)
-            let busy = isBusy(host)
-            if !busy, try refcount(of: host) == 0 {
-                if run == 0 { runStart = candidate }
-                run += 1
+            let unavailable = isUnavailable(host)
+            if !unavailable, try refcount(of: host) == 0 {
+                if let last = runs.last, last.first + last.count == candidate {
+                    runs[runs.count - 1].count += 1
+                } else {
+                    runs.append(Run(first: candidate, count: 1, fresh: false))
+                }
+                found += 1
                 allUsedSoFar = false
-            } else {
-                run = 0
-                if allUsedSoFar && !busy { freeCursor = candidate + 1 }
+            } else if allUsedSoFar && !unavailable {
+                freeCursor = candidate + 1
             }
             candidate += 1
         }
-        let first: UInt64
-        if run == UInt64(count) {
-            first = runStart << UInt64(clusterBits)
-        } else {
-            // A free run reaching the end of the file is extended; else start at the end.
-            first = (run > 0 ? runStart : endCluster) << UInt64(clusterBits)
-            fileEnd = first + UInt64(count) * clusterSize
+        if found < want {
+            let extra = want - found
+            if let last = runs.last, last.first + last.count == endCluster {
+                runs[runs.count - 1].count += extra  // a free run reaching the end is extended
+            } else {
+                runs.append(Run(first: endCluster, count: extra, fresh: true))
+            }
+            fileEnd = (endCluster + extra) << UInt64(clusterBits)
+            // The file covers the reserve (sparsely) before any L2 entry can name it: a power
+            // cut must not leave an entry pointing past the end of the file.
+            do throws(Errno) {
+                if try file.size() < fileEnd { try file.truncate(to: fileEnd) }
+            } catch {
+                throw .system(error, "extending the qcow2 image file to \(fileEnd)")
+            }
         }
-        for i in 0..<UInt64(count) { try setRefcount(of: first + i * clusterSize, to: 1) }
-        allocatedClusters.add(UInt64(count), ordering: .relaxed)
-        return first
+        var raised: [UInt64] = []
+        do {
+            for run in runs {
+                for c in run.first..<run.first + run.count {
+                    try setRefcount(of: c << UInt64(clusterBits), to: 1)
+                    raised.append(c)
+                }
+            }
+        } catch {
+            for c in raised { try? setRefcount(of: c << UInt64(clusterBits), to: 0) }
+            throw error
+        }
+        return runs
     }
 
-    /// Decrements the refcounts of every cluster overlapping `length` bytes at `host`.
-    func free(host: UInt64, length: UInt64) throws(DeviceError) {
-        var cluster = host & ~(clusterSize - 1)
-        while cluster < host + length {
-            try adjustRefcount(of: cluster, by: -1)
-            cluster += clusterSize
+    func addToReserve(_ runs: [Run]) { reserve += runs }
+
+    /// Frees clusters from `claimFree` that never made it to the reserve.
+    func unclaim(_ runs: [Run]) {
+        for run in runs {
+            for c in run.first..<run.first + run.count { try? setRefcount(of: c << UInt64(clusterBits), to: 0) }
+        }
+    }
+
+    /// Returns every reserved cluster to free (at close, so that qemu-img
+    /// check finds no leaks).
+    func releaseReserve() throws(DeviceError) {
+        while let run = reserve.first {
+            for c in run.first..<run.first + run.count { try setRefcount(of: c << UInt64(clusterBits), to: 0) }
+            reserve.removeFirst()
         }
     }
 
@@ -213,12 +303,23 @@ final class RefcountManager: @unchecked Sendable {
             // Counted before anything points at it, so a crash can only leak it.
             try setRefcount(of: blockOffset, to: 1)
         }
-        try write(bytes, at: blockOffset, what: "refcount block")
+        metadata?.insert(blockOffset, length: clusterSize)
+        do {
+            try write(bytes, at: blockOffset, what: "refcount block")
+        } catch {
+            // Disk full: the block's cluster was counted but nothing names it; uncount it.
+            metadata?.remove(blockOffset, length: clusterSize)
+            if !selfCovering { try? setRefcount(of: blockOffset, to: 0) }
+            throw error
+        }
         blocks[blockOffset] = bytes
         do {
+            try sync()  // the block (and its own refcount) before the table entry naming it
             try write(QCOW2Device.bigEndianBytes(blockOffset), at: tableOffset + tableIndex * 8, what: "refcount table")
         } catch {
             blocks[blockOffset] = nil  // memory stays equal to the disk: no block for this range
+            metadata?.remove(blockOffset, length: clusterSize)
+            if !selfCovering { try? setRefcount(of: blockOffset, to: 0) }
             throw error
         }
         table[Int(tableIndex)] = blockOffset
@@ -250,24 +351,31 @@ final class RefcountManager: @unchecked Sendable {
         fileEnd += newClusters * clusterSize
         table += [UInt64](repeating: 0, count: Int(newClusters * clusterSize / 8) - table.count)
         tableOffset = newOffset
+        metadata?.insert(newOffset, length: newClusters * clusterSize)
         // Count the new table's clusters; any blocks this creates land after it.
         for i in 0..<newClusters { try setRefcount(of: newOffset + i * clusterSize, to: 1) }
         var bytes: [UInt8] = []
         bytes.reserveCapacity(table.count * 8)
         for entry in table { bytes += QCOW2Device.bigEndianBytes(entry) }
         try write(bytes, at: newOffset, what: "refcount table")
+        try sync()  // the new table and its refcounts before the header names it
         // The header switch is one 12-byte write: offset and cluster count together.
         try write(QCOW2Device.bigEndianBytes(newOffset) + QCOW2Device.bigEndianBytes(UInt32(newClusters)),
                   at: 48, what: "header")
+        try sync()  // the header before the old table is freed and maybe reused
+        metadata?.remove(oldOffset, length: oldClusters * clusterSize)
         for i in 0..<oldClusters { try adjustRefcount(of: oldOffset + i * clusterSize, by: -1) }
     }
 
     private func write(_ bytes: [UInt8], at offset: UInt64, what: String) throws(DeviceError) {
         do throws(Errno) {
-            try crashSimulator?.permitWrite()
             try file.write(bytes: bytes, at: offset)
         } catch {
             throw .system(error, "writing qcow2 \(what) at \(offset)")
         }
+    }
+
+    func sync() throws(DeviceError) {
+        do throws(Errno) { try file.sync() } catch { throw .system(error, "fdatasync") }
     }
 }

@@ -1,4 +1,5 @@
 import BlockDevice
+import Logging
 import NBDServer
 import QCOW2
 import SystemIO
@@ -26,6 +27,11 @@ public struct ExportOptions: Sendable {
     public var temporarySnapshot = false
     public var discard: DiscardPolicy = .ignore
     public var detectZeroes: ZeroDetection = .off
+    /// `--backing-dir`: backing and external data files must lie under one of
+    /// these directories; nil allows any path (qemu-nbd's behaviour).
+    public var backingDirectories: [String]?
+    /// Where the image's backing chain and refused writes are logged.
+    public var logger = Logger(label: "swiftnbd.qcow2", factory: { _ in SwiftLogNoOpLogHandler() })
 
     public init(path: String) { self.path = path }
 }
@@ -70,7 +76,8 @@ public enum SwiftNBDKit {
                 throw StartupError("\(error.reason)")
             }
         case .qcow2:
-            var qcowOptions = QCOW2Options(snapshot: options.loadSnapshot)
+            var qcowOptions = QCOW2Options(snapshot: options.loadSnapshot,
+                                           allowedDirectories: options.backingDirectories, logger: options.logger)
             if let bytes = options.l2CacheBytes { qcowOptions.l2CacheBytes = bytes }
             do {
                 let qcow2 = try QCOW2Device(path: options.path, readOnly: imageReadOnly, options: qcowOptions)

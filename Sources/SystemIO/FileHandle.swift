@@ -28,7 +28,7 @@ public struct FileHandle: Sendable, Hashable {
     /// Reads exactly `buffer.count` bytes at `offset`. Bytes past the end of
     /// the file read as zeros when `zeroFillPastEOF`, else they are an EIO.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64,
-                     zeroFillPastEOF: Bool = false) throws(Errno) {
+                     zeroFillPastEOF: Bool) throws(Errno) {
         var done = 0
         while done < buffer.count {
             let n = try retryingEINTR {
@@ -107,5 +107,25 @@ public struct FileHandle: Sendable, Hashable {
     /// Hints the kernel to read a range into the page cache.
     public func prefetch(at offset: UInt64, length: UInt64) {
         _ = posix_fadvise(rawValue, off_t(offset), off_t(length), POSIX_FADV_WILLNEED)
+    }
+}
+
+/// What a path names, from stat(2) (symlinks followed).
+public enum FileKind: Sendable, Equatable {
+    case regular, directory, blockDevice, characterDevice, fifo, socket, other
+
+    /// The kind of file at `path`, or the stat error.
+    public static func of(path: String) throws(Errno) -> FileKind {
+        let mode = cshim_stat_mode(path)
+        guard mode >= 0 else { throw Errno.current }
+        switch mode_t(mode) & S_IFMT {
+        case S_IFREG: return .regular
+        case S_IFDIR: return .directory
+        case S_IFBLK: return .blockDevice
+        case S_IFCHR: return .characterDevice
+        case S_IFIFO: return .fifo
+        case S_IFSOCK: return .socket
+        default: return .other
+        }
     }
 }

@@ -24,3 +24,36 @@ public final class Lock: @unchecked Sendable {
         return try body()
     }
 }
+
+/// A mutex with a condition variable, for threads that must wait for state
+/// another thread changes (never by spinning).
+public final class ConditionLock: @unchecked Sendable {
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+
+    public init() {
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(condition, nil)
+    }
+
+    deinit {
+        pthread_cond_destroy(condition)
+        pthread_mutex_destroy(mutex)
+        condition.deallocate()
+        mutex.deallocate()
+    }
+
+    @inlinable
+    public func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        lock()
+        defer { unlock() }
+        return try body()
+    }
+
+    public func lock() { pthread_mutex_lock(mutex) }
+    public func unlock() { pthread_mutex_unlock(mutex) }
+    /// Releases the lock until `broadcast`, then takes it again. Only while holding the lock.
+    public func wait() { pthread_cond_wait(condition, mutex) }
+    /// Wakes every waiter. Only while holding the lock.
+    public func broadcast() { pthread_cond_broadcast(condition) }
+}

@@ -62,6 +62,10 @@ struct SwiftNBD: ParsableCommand {
     @Option(name: .customLong("detect-zeroes"), help: "Turn all-zero writes into zeroing: off (default), on or unmap.")
     var detectZeroes: ZeroDetection = .off
 
+    @Option(name: .customLong("backing-dir"),
+            help: "Serve backing and data files only from under this directory (repeatable; default: anywhere).")
+    var backingDirectories: [String] = []
+
     @Flag(name: [.customShort("A"), .customLong("allocation-depth")],
           help: "Offer the qemu:allocation-depth metadata context.")
     var allocationDepth = false
@@ -213,6 +217,8 @@ struct SwiftNBD: ParsableCommand {
         common.maxConnections = shared
         common.discard = discard
         common.detectZeroes = detectZeroes
+        common.backingDirectories = backingDirectories.isEmpty ? nil : backingDirectories
+        common.logger = logger
         var all: [ExportOptions] = []
         if let image {
             var options = common

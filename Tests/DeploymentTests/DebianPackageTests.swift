@@ -87,7 +87,7 @@ import TestSupport
         let status = try Tools.check("dpkg", ["--root=\(root.path)", "-s", "swiftnbd"])
         #expect(status.contains("Status: install ok installed"))
         let unit = try String(contentsOfFile: root.file("lib/systemd/system/swiftnbd@.service"), encoding: .utf8)
-        #expect(unit.contains("ExecStart=/usr/bin/swiftnbd $SWIFTNBD_OPTS $SWIFTNBD_TLS_OPTS ${IMAGE}\n"))
+        #expect(unit.contains("ExecStart=/usr/bin/swiftnbd --backing-dir /var/lib/swiftnbd $SWIFTNBD_OPTS $SWIFTNBD_TLS_OPTS ${IMAGE}\n"))
         let passwd = try String(contentsOfFile: root.file("etc/passwd"), encoding: .utf8)
         #expect(passwd.contains("swiftnbd:x:"), "\(passwd)")
         #expect(FileManager.default.fileExists(atPath: root.file("var/lib/swiftnbd")))

@@ -79,7 +79,8 @@ import TestSupport
 
         let unitDir = root.file("usr/lib/systemd/system")
         let template = try String(contentsOfFile: unitDir + "/swiftnbd@.service", encoding: .utf8)
-        #expect(template.contains("ExecStart=\(root.file("usr/bin/swiftnbd")) $SWIFTNBD_OPTS $SWIFTNBD_TLS_OPTS ${IMAGE}\n"))
+        #expect(template.contains(
+            "ExecStart=\(root.file("usr/bin/swiftnbd")) --backing-dir /var/lib/swiftnbd $SWIFTNBD_OPTS $SWIFTNBD_TLS_OPTS ${IMAGE}\n"))
         #expect(template.contains("EnvironmentFile=\(root.file("etc/swiftnbd"))/%i.conf\n"))
         // The TLS drop-in reads its keys from the installed config folder.
         let dropIn = try String(contentsOfFile: root.file("etc/swiftnbd/tls.conf"), encoding: .utf8)

@@ -26,7 +26,8 @@ import TestSupport
     @Test func shippedUnitsNameTheBinaryTheMakefileInstalls() throws {
         for name in Paths.unitNames where name.hasSuffix(".service") {
             let text = try String(contentsOfFile: Paths.repo("systemd/\(name)"), encoding: .utf8)
-            #expect(text.contains("ExecStart=\(Paths.shippedBinaryPath) $SWIFTNBD_OPTS $SWIFTNBD_TLS_OPTS ${IMAGE}\n"),
+            #expect(text.contains(
+                "ExecStart=\(Paths.shippedBinaryPath) --backing-dir /var/lib/swiftnbd $SWIFTNBD_OPTS $SWIFTNBD_TLS_OPTS ${IMAGE}\n"),
                     "\(name)")
         }
     }

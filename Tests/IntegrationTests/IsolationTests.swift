@@ -57,7 +57,7 @@ import Testing
         let started = ContinuousClock.now
         let status = server.stop()
         let took = ContinuousClock.now - started
-        #expect(status == 0)
+        #expect(status == 0, "server log:\n\(server.log)")
         // The documented bound: a 2 s grace plus the device work under way.
         #expect(took < .seconds(4), "SIGTERM took \(took)")
         let contents = try ImageFactory.rawContents(of: image, format: kind.rawValue, scratch: scratch)

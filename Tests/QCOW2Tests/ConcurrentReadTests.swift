@@ -2,6 +2,7 @@ import BlockDevice
 import Dispatch
 import Foundation
 @testable import QCOW2
+import SystemIO
 import TestSupport
 import Testing
 
@@ -77,31 +78,41 @@ import Synchronization
     }
 }
 
-/// The same race made certain: between a read's lookup and its data read,
-/// the range is trimmed and its cluster reused for other data. The read
-/// must notice and return the trimmed range's zeros.
+/// The same race made certain: between a read's pin and its data read
+/// (a read hook on the image file), the range is trimmed, the trim made
+/// durable (the cluster's refcount drops to 0), and enough is allocated to
+/// refill the allocator. The pinned cluster must not be handed out: the
+/// read returns the old bytes or zeros, never the new allocation's.
 @Suite struct ReadRetryTests {
-    @Test func readRetriesWhenItsClusterIsReused() throws {
+    @Test func pinnedClusterIsNotReused() throws {
         let dir = try TemporaryDirectory("qcow2-retry")
         let path = dir.file("retry.qcow2")
-        try Q.img(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", path, "1M"])
-        let device = try QCOW2Device(path: path, readOnly: false)
+        try Q.img(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", path, "4M"])
+        let faults = FileFaults()
+        let device = try QCOW2Device(path: path, readOnly: false, options: QCOW2Options(opener: faults.opener))
         defer { device.close() }
         try [UInt8](repeating: 0xAA, count: 4096).withUnsafeBytes { try device.write($0, at: 0, fua: false) }
         let fired = Atomic(false)
-        device.testHookBeforeDataRead = { [unowned device] _ in
-            guard !fired.exchange(true, ordering: .relaxed) else { return }
-            try? device.trim(at: 0, length: 4096, fua: false)
-            // The freed cluster is the first free one: this allocation would take it.
-            try? [UInt8](repeating: 0x11, count: 4096).withUnsafeBytes { try device.write($0, at: 65536, fua: false) }
+        let fill = [UInt8](repeating: 0x11, count: 1 << 20)
+        faults.beforeRead.withLock {
+            $0 = { [unowned device] _, _ in
+                guard !fired.exchange(true, ordering: .relaxed) else { return }
+                try? device.trim(at: 0, length: 4096, fua: true)
+                try? fill.withUnsafeBytes { try device.write($0, at: 65536, fua: false) }
+            }
         }
         var buffer = [UInt8](repeating: 0xEE, count: 4096)
         try buffer.withUnsafeMutableBytes { try device.read(into: $0, at: 0) }
+        faults.beforeRead.withLock { $0 = nil }
         let hookRan = fired.load(ordering: .relaxed)
         #expect(hookRan)
-        #expect(buffer.allSatisfy { $0 == 0 }, "the read returned another range's data")
-        var other = [UInt8](repeating: 0, count: 4096)
+        #expect(buffer.allSatisfy { $0 == 0xAA } || buffer.allSatisfy { $0 == 0 },
+                "the read returned another range's data")
+        var other = [UInt8](repeating: 0, count: 1 << 20)
         try other.withUnsafeMutableBytes { try device.read(into: $0, at: 65536) }
-        #expect(other.allSatisfy { $0 == 0x11 })
+        #expect(other == fill)
+        var again = [UInt8](repeating: 0xEE, count: 4096)
+        try again.withUnsafeMutableBytes { try device.read(into: $0, at: 0) }
+        #expect(again.allSatisfy { $0 == 0 })
     }
 }

@@ -13,3 +13,4 @@ int cshim_accept_cloexec(int fd, struct sockaddr *addr, socklen_t *len);
 int cshim_stream_socket(int family);
 int cshim_set_thread_name(pthread_t thread, const char *name);
 int cshim_available_processors(void);
+int cshim_stat_mode(const char *path);

@@ -1,6 +1,6 @@
 import SystemIO
 
-extension FileHandle {
+extension PositionalFile {
     /// Writes all of `bytes` at `offset`.
     func write(bytes: [UInt8], at offset: UInt64) throws(Errno) {
         // withUnsafeBytes rethrows untyped errors; only Errno can come out of it here.
