@@ -101,10 +101,11 @@ final class RefcountManager: @unchecked Sendable {
         table = try QCOW2Device.readTable(file, at: header.refcountTableOffset,
                                           entries: Int(UInt64(header.refcountTableClusters) * clusterSize / 8))
         fileEnd = (fileSize + clusterSize - 1) & ~(clusterSize - 1)
-        // 256 KiB first, growing to 32 MiB (or 64 clusters): few syncs for streaming writes,
-        // little leaked by a power cut during a small one.
+        // 256 KiB first, growing to 256 MiB (or 64 clusters): each refill's sync also writes
+        // back every dirty page of the file, so streaming writes want few of them; a power
+        // cut leaks at most the unused part, counted but never written (sparse).
         reserveTarget = max(4, (256 << 10) >> UInt64(clusterBits))
-        maximumReserve = max(64, (32 << 20) >> UInt64(clusterBits))
+        maximumReserve = max(64, (256 << 20) >> UInt64(clusterBits))
         metadata?.insert(tableOffset, length: UInt64(header.refcountTableClusters) * clusterSize)
         // Blocks past the end of the file are broken metadata, found when used; not mapped.
         for entry in table where entry & EntryBits.offsetMask != 0 && entry & EntryBits.offsetMask < fileSize {
@@ -221,8 +222,9 @@ final class RefcountManager: @unchecked Sendable {
         // Free clusters inside the file first, in runs; the rest from its end.
         while candidate < endCluster && found < want {
             let host = candidate << UInt64(clusterBits)
-            let unavailable = isUnavailable(host)
-            if !unavailable, try refcount(of: host) == 0 {
+            // Metadata counts as used for the cursor; only pinned clusters (transient) hold it back.
+            let unavailable = isUnavailable(host) && metadata?.contains(cluster: host) != true
+            if !unavailable, metadata?.contains(cluster: host) != true, try refcount(of: host) == 0 {
                 if let last = runs.last, last.first + last.count == candidate {
                     runs[runs.count - 1].count += 1
                 } else {
