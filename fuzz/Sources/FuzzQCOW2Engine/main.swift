@@ -1,3 +1,3 @@
 import FuzzSupport
 
-runFuzzer { data, size in fuzz(data, size) }
+runFuzzer { data, size in fuzzQCOW2Engine(data, size) }
