@@ -39,7 +39,9 @@ for t in "${targets[@]}"; do
         | sed "s/^/$t: /"
     echo "$t: corpus $(find "$corpus" -type f | wc -l) files, $(du -sb "$corpus" | cut -f1) bytes (seeds not counted)"
     if [ "$status" -ne 0 ]; then
-        tail -n 60 ".build-fuzz/$t.log" >&2
+        # What failed (a check's message, a sanitizer's verdict), then the end of the log.
+        grep -m 5 -E 'Fatal error|==[0-9]+==ERROR|^SUMMARY|^ERROR: libFuzzer' ".build-fuzz/$t.log" >&2
+        tail -n 40 ".build-fuzz/$t.log" >&2
         echo "fuzz.sh: $t failed (exit $status); reproducer in $findings/, log in .build-fuzz/$t.log" >&2
         failed+=("$t")
     fi
