@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Writes the committed seed corpora under fuzz/corpus/ (run from anywhere).
+"""Writes the committed seed corpora under fuzz/corpus/ (run from anywhere;
+needs qemu-img and qemu-io from qemu-utils, and the zstd command).
 
 Each seed is one well-formed session or image, so the fuzzer starts from
 inputs that get deep into the code instead of being refused at the first
