@@ -79,3 +79,24 @@ let package = Package(
                     swiftSettings: swiftSettings),
     ]
 )
+
+// The fuzz tier (scripts/fuzz.sh): libFuzzer targets under fuzz/. They only
+// link with -sanitize=fuzzer, so they exist only when SWIFTNBD_FUZZ is set,
+// for a build in its own scratch path; the normal build and `swift test`
+// never see them.
+if Context.environment["SWIFTNBD_FUZZ"] != nil {
+    package.targets.append(.target(name: "CFuzzerDriver", path: "fuzz/Sources/CFuzzerDriver"))
+    package.targets.append(.target(name: "FuzzSupport", dependencies: ["CFuzzerDriver", "BlockDevice", "SystemIO"],
+                                   path: "fuzz/Sources/FuzzSupport", swiftSettings: swiftSettings))
+    let fuzzTargets: [(String, [Target.Dependency])] = [
+        ("FuzzNegotiation", ["NBDServer", "NBDProtocol", "BlockDevice"]),
+        ("FuzzTransmission", ["NBDServer", "NBDProtocol", "BlockDevice"]),
+        ("FuzzQCOW2Metadata", ["QCOW2"]),
+        ("FuzzQCOW2Engine", ["QCOW2", "BlockDevice", "SystemIO"]),
+        ("FuzzDecompression", ["QCOW2"]),
+    ]
+    for (name, dependencies) in fuzzTargets {
+        package.targets.append(.executableTarget(name: name, dependencies: ["FuzzSupport"] + dependencies,
+                                                 path: "fuzz/Sources/\(name)", swiftSettings: swiftSettings))
+    }
+}

@@ -1,4 +1,5 @@
 import Foundation
+import class SystemIO.Lock
 
 /// Runs external programs the way a user would, for tests.
 public enum Tools {
@@ -32,15 +33,25 @@ public enum Tools {
         process.standardInput = FileHandle.nullDevice
         try process.run()
         // Drain both pipes concurrently so a chatty program can't fill one and block.
-        nonisolated(unsafe) var errData = Data()
-        let errReader = Thread { errData = err.fileHandleForReading.readDataToEndOfFile() }
+        // The reader hands its bytes over under a lock: polling Thread.isFinished
+        // orders nothing, and ThreadSanitizer reported the read racing the write.
+        let handoff = SystemIO.Lock()
+        nonisolated(unsafe) var errData: Data?
+        let errReader = Thread {
+            let data = err.fileHandleForReading.readDataToEndOfFile()
+            handoff.withLock { errData = data }
+        }
         errReader.start()
         let outData = out.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
-        while errReader.isExecuting || !errReader.isFinished { usleep(1000) }
+        var stderr: Data?
+        while stderr == nil {
+            stderr = handoff.withLock { errData }
+            if stderr == nil { usleep(1000) }
+        }
         return Result(status: process.terminationStatus,
                       stdout: String(decoding: outData, as: UTF8.self),
-                      stderr: String(decoding: errData, as: UTF8.self))
+                      stderr: String(decoding: stderr!, as: UTF8.self))
     }
 
     /// Runs a program and throws, with its stderr, unless it exits 0.
