@@ -16,13 +16,12 @@ func fuzzNegotiation(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
                         device: StubDevice(size: UInt64(config >> 4) << 20, capabilities: capabilities),
                         readOnly: config & 4 != 0, exposeAllocationDepth: config & 8 != 0)
 
-    let clientFlags: UInt32 = input.next()
-    if let problem = Negotiation.validate(clientFlags: clientFlags) {
-        fuzzCheck(!problem.isEmpty, "an empty refusal")
-        fuzzCheck(clientFlags & 1 == 0 || clientFlags & ~3 != 0, "refused valid client flags \(clientFlags)")
+    let rawFlags: UInt32 = input.next()
+    guard let clientFlags = try? ClientFlags.decode(rawFlags) else {
+        fuzzCheck(rawFlags & ~3 != 0, "refused valid client flags \(rawFlags)")
         return 0
     }
-    var negotiation = Negotiation(export: export, clientFlags: ClientFlags(rawValue: clientFlags))
+    var negotiation = Negotiation(exports: [export], clientFlags: clientFlags)
     var received = 0
     while input.remaining >= OptionHeader.wireSize {
         let header: OptionHeader
@@ -41,7 +40,8 @@ func fuzzNegotiation(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
             guard case .close([], _) = action else { fatalError("option \(received) was not refused") }
             return 0
         }
-        guard check(action, for: header.option, export: export, clientFlags: ClientFlags(rawValue: clientFlags)) else {
+        guard check(action, for: header.option, export: export, clientFlags: clientFlags,
+                    extended: negotiation.session.extendedHeaders) else {
             return 0
         }
     }
@@ -50,7 +50,7 @@ func fuzzNegotiation(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
 
 /// Checks one action; returns whether negotiation goes on.
 private func check(_ action: Negotiation.Action, for option: OptionCode, export: Export,
-                   clientFlags: ClientFlags) -> Bool {
+                   clientFlags: ClientFlags, extended: Bool) -> Bool {
     switch action {
     case .reply(let replies):
         checkReplies(replies, for: option, export: export)
@@ -76,8 +76,16 @@ private func check(_ action: Negotiation.Action, for option: OptionCode, export:
         return false
     case .close(let replies, let reason):
         fuzzCheck(!reason.isEmpty, "closed without a reason")
-        fuzzCheck(option == .abort || option == .exportName, "\(option) closed the connection")
-        fuzzCheck(replies == (option == .abort ? [.ack(.abort)] : []), "close sent \(replies)")
+        // Only ABORT, EXPORT_NAME (which can't carry an error) and any option from a client
+        // without fixed newstyle (which can't read a reply) end negotiation.
+        fuzzCheck(option == .abort || option == .exportName || !clientFlags.contains(.fixedNewstyle),
+                  "\(option) closed the connection")
+        fuzzCheck(replies == (option == .abort && clientFlags.contains(.fixedNewstyle) ? [.ack(.abort)] : []),
+                  "close sent \(replies)")
+        if option == .exportName && extended { fuzzCheck(replies.isEmpty, "EXPORT_NAME after extended headers") }
+        return false
+    case .startTLS:
+        fuzzCheck(false, "STARTTLS accepted by a server without TLS")
         return false
     }
 }
@@ -120,6 +128,9 @@ private func checkSession(_ session: Session, export: Export) {
     fuzzCheck(session.flags.contains(.readOnly) == export.readOnly, "read-only flag disagrees with the export")
     fuzzCheck(session.metaContexts.isEmpty || session.structuredReplies, "contexts without structured replies")
     fuzzCheck(session.flags.contains(.sendDF) == session.structuredReplies, "DF without structured replies")
+    fuzzCheck(!session.extendedHeaders || session.structuredReplies, "extended headers without chunked replies")
+    fuzzCheck(!session.flags.contains(.blockStatusPayload) || (session.extendedHeaders && !session.metaContexts.isEmpty),
+              "block status payload offered without extended headers and contexts")
     fuzzCheck(Set(session.metaContexts.map(\.rawValue)).count == session.metaContexts.count, "a context twice")
     fuzzCheck(session.metaContexts.allSatisfy(export.metaContexts.contains), "a context the export does not offer")
 }
