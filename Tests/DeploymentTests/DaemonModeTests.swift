@@ -46,7 +46,7 @@ import TestSupport
         _ = ProcessTable.waitUntilGone(pid, timeout: .seconds(5))
     }
 
-    @Test(.timeLimit(.minutes(2)), arguments: [SIGTERM, SIGINT])
+    @Test(.timeLimit(.minutes(10)), arguments: [SIGTERM, SIGINT])
     func forkedServerServesRawImageAndStopsOnSignal(_ signal: Int32) throws {
         let scratch = try TemporaryDirectory("swiftnbd-fork")
         let image = scratch.file("disk.raw")
@@ -62,12 +62,12 @@ import TestSupport
         try client.disconnect()
 
         kill(pid, signal)
+        // Gone is what counts: a port probe could meet another test's server that got the same port since.
         #expect(ProcessTable.waitUntilGone(pid, timeout: .seconds(10)), "still running 10 s after signal \(signal)")
-        #expect(!LoopbackTCP.isListening(port: port))
         #expect(try Data(contentsOf: URL(fileURLWithPath: image)) == original, "the image changed")
     }
 
-    @Test(.timeLimit(.minutes(2))) func qcow2WrittenThroughForkedServerIsCleanAfterSIGTERM() throws {
+    @Test(.timeLimit(.minutes(10))) func qcow2WrittenThroughForkedServerIsCleanAfterSIGTERM() throws {
         let scratch = try TemporaryDirectory("swiftnbd-fork-qcow2")
         let image = scratch.file("disk.qcow2")
         try ImageFactory.create(image, format: "qcow2", size: "64M")
@@ -104,7 +104,7 @@ import TestSupport
 
     /// The exit status of `--fork` reports whether the server started: 1, and no server left
     /// behind, when the image can't be opened or the port is taken.
-    @Test(.timeLimit(.minutes(2))) func forkReportsAFailedStart() throws {
+    @Test(.timeLimit(.minutes(10))) func forkReportsAFailedStart() throws {
         let scratch = try TemporaryDirectory("swiftnbd-fork-fail")
         let image = scratch.file("disk.raw")
         try ImageFactory.patternedRaw(image, size: 1 << 20)
@@ -133,7 +133,7 @@ import TestSupport
 
     /// The daemon lets go of the caller's stdout and stderr, so `$(swiftnbd --fork ...)` and
     /// `ssh host swiftnbd --fork ...` return instead of waiting for the server to stop.
-    @Test(.timeLimit(.minutes(2))) func forkedServerLetsGoOfTheCallersOutput() throws {
+    @Test(.timeLimit(.minutes(10))) func forkedServerLetsGoOfTheCallersOutput() throws {
         let scratch = try TemporaryDirectory("swiftnbd-fork-pipe")
         let image = scratch.file("disk.raw")
         try ImageFactory.patternedRaw(image, size: 1 << 20)

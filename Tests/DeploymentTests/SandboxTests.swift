@@ -85,7 +85,7 @@ import TestSupport
         return try String(contentsOfFile: trace, encoding: .utf8)
     }
 
-    @Test(.timeLimit(.minutes(3))) func serveSessionStaysInsideTheUnitsSandbox() throws {
+    @Test(.timeLimit(.minutes(10))) func serveSessionStaysInsideTheUnitsSandbox() throws {
         let scratch = try TemporaryDirectory("swiftnbd-sandbox")
         let image = scratch.file("disk.qcow2")
         let trace = try Self.traceServeSession(scratch: scratch, image: image)

@@ -14,7 +14,7 @@ import TestSupport
         return (path, Array(try Data(contentsOf: URL(fileURLWithPath: path))))
     }
 
-    @Test(.timeLimit(.minutes(2))) func servesTheImageOnAnActivatedTCPSocket() throws {
+    @Test(.timeLimit(.minutes(10))) func servesTheImageOnAnActivatedTCPSocket() throws {
         let scratch = try TemporaryDirectory("swiftnbd-activate")
         let image = try Self.makeImage(in: scratch)
         let port = try LoopbackTCP.freePort()
@@ -46,7 +46,7 @@ import TestSupport
         #expect(server.waitForExit(timeout: .seconds(10)) == .exited(0), "\(server.log)")
     }
 
-    @Test(.timeLimit(.minutes(2))) func servesTheImageOnAnActivatedUnixSocket() throws {
+    @Test(.timeLimit(.minutes(10))) func servesTheImageOnAnActivatedUnixSocket() throws {
         let scratch = try TemporaryDirectory("swiftnbd-activate-unix")
         let image = try Self.makeImage(in: scratch)
         let socketPath = scratch.file("nbd.sock")
@@ -68,7 +68,7 @@ import TestSupport
     }
 
     /// swiftnbd.socket with a TCP and a Unix ListenStream= passes two sockets; both serve.
-    @Test(.timeLimit(.minutes(2))) func servesOnEveryActivatedSocket() throws {
+    @Test(.timeLimit(.minutes(10))) func servesOnEveryActivatedSocket() throws {
         let scratch = try TemporaryDirectory("swiftnbd-activate-two")
         let image = try Self.makeImage(in: scratch)
         let port = try LoopbackTCP.freePort()

@@ -21,7 +21,7 @@ import Testing
         return image
     }
 
-    @Test(.timeLimit(.minutes(6)))
+    @Test(.timeLimit(.minutes(15)))
     func virtDfReadsAndGuestfishEditsTheGuestOverNBD() throws {
         let scratch = try TemporaryDirectory()
         let image = try Self.guestDisk(in: scratch)

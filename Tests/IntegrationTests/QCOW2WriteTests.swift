@@ -135,7 +135,7 @@ import Testing
         try Self.expectClean(image, Spec(name: "concurrent"))
     }
 
-    @Test(.timeLimit(.minutes(3)))
+    @Test(.timeLimit(.minutes(10)))
     func sigkillMidWriteLosesNothingAcknowledgedAsDurable() throws {
         let scratch = try TemporaryDirectory()
         let image = scratch.file("crash.qcow2")
