@@ -164,6 +164,8 @@ import Testing
             Issue.record("a read of data must carry it")
             return
         }
+        // The writer gives read buffers back once sent; here the test does.
+        defer { buffers.give(bytes) }
         #expect(Array(bytes) == data)
         #expect(read.headerLength == ReplyHeader.chunkSize + 8)
         let zeros = structured.handle(Request(command: .read, cookie: 2, offset: 4096, length: 4096), payload: nil)
@@ -171,6 +173,7 @@ import Testing
         let simple = handler(device, structured: false)
             .handle(Request(command: .read, cookie: 3, offset: 4096, length: 4096), payload: nil)
         #expect(simple.length == ReplyHeader.simpleSize + 4096)
+        if case .pooled(let simpleBytes) = simple.body { buffers.give(simpleBytes) }
     }
 
     @Test func blockStatusDescriptorsAreCappedAndMerged() throws {
