@@ -61,16 +61,11 @@ struct TransmissionReader {
                 && session.flags.contains(.blockStatusPayload)
             if payloadForm {
                 // The payload says which contexts and how far: it is read before the request is checked.
-                guard let payload = connection.takeBuffer(Int(payloadLength)) else {
-                    if let ending = reject(request, .noMemory, "no memory for the payload", cost: cost,
-                                           skipping: payloadLength, &reader) { return ending }
-                    continue
-                }
-                do throws(SocketReader.Failure) {
-                    try reader.readExactly(into: payload)
-                } catch {
-                    connection.dropPayload(payload, cost: cost)
-                    return Self.ending(error)
+                let payload: UnsafeMutableRawBufferPointer
+                switch readPayload(of: request, length: payloadLength, cost: cost, &reader) {
+                case .read(let bytes): payload = bytes
+                case .refused: continue
+                case .ended(let ending): return ending
                 }
                 let selected = selection(from: UnsafeRawBufferPointer(payload))
                 connection.giveBack(payload)
@@ -91,19 +86,36 @@ struct TransmissionReader {
                 connection.submit(effective, payload: nil, contexts: contexts, cost: cost)
                 continue
             }
-            guard let payload = connection.takeBuffer(Int(payloadLength)) else {
-                if let ending = reject(request, .noMemory, "no memory for the payload", cost: cost,
-                                       skipping: payloadLength, &reader) { return ending }
-                continue
+            switch readPayload(of: request, length: payloadLength, cost: cost, &reader) {
+            case .read(let payload): connection.submit(effective, payload: payload, contexts: contexts, cost: cost)
+            case .refused: continue
+            case .ended(let ending): return ending
             }
-            do throws(SocketReader.Failure) {
-                try reader.readExactly(into: payload)
-            } catch {
-                connection.dropPayload(payload, cost: cost)
-                return Self.ending(error)
-            }
-            connection.submit(effective, payload: payload, contexts: contexts, cost: cost)
         }
+    }
+
+    private enum PayloadRead {
+        case read(UnsafeMutableRawBufferPointer)
+        /// No memory for it: the request was answered with ENOMEM and the payload skipped.
+        case refused
+        case ended(Ending)
+    }
+
+    /// Reads a request's payload into a pool buffer.
+    private func readPayload(of request: Request, length: UInt64, cost: Int,
+                             _ reader: inout SocketReader) -> PayloadRead {
+        guard let payload = connection.takeBuffer(Int(length)) else {
+            if let ending = reject(request, .noMemory, "no memory for the payload", cost: cost, skipping: length,
+                                   &reader) { return .ended(ending) }
+            return .refused
+        }
+        do throws(SocketReader.Failure) {
+            try reader.readExactly(into: payload)
+        } catch {
+            connection.dropPayload(payload, cost: cost)
+            return .ended(Self.ending(error))
+        }
+        return .read(payload)
     }
 
     /// Answers `request` with an error and skips its payload; an ending if the client left meanwhile.
