@@ -194,11 +194,6 @@ public func encodeBlockStatusChunk(framing: ChunkFraming = .structured, cookie: 
     }
 }
 
-/// A NBD_REPLY_TYPE_NONE chunk with the DONE flag, ending a reply.
-public func encodeDoneChunk(framing: ChunkFraming = .structured, cookie: UInt64) -> [UInt8] {
-    encodeChunk(framing: framing, flags: .done, type: .none, cookie: cookie, payloadLength: 0) { _ in }
-}
-
 /// The payload form of NBD_CMD_BLOCK_STATUS (extended headers with
 /// NBD_FLAG_BLOCK_STATUS_PAYLOAD): the effect length, then the IDs of the
 /// metadata contexts the client wants answered.

@@ -73,9 +73,6 @@ final class BufferPool: @unchecked Sendable {
         for list in released { for b in list { Self.deallocate(b) } }
     }
 
-    /// Bytes held for reuse (for tests and logs).
-    var idleBytes: Int { lock.withLock { keptBytes } }
-
     private static func allocate(_ count: Int) -> UnsafeMutableRawBufferPointer? {
         if count >= mappedFrom { return PageMemory.allocate(count) }
         return .allocate(byteCount: count, alignment: 4096)

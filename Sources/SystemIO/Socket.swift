@@ -33,15 +33,6 @@ public struct Socket: Sendable, Hashable {
         }
     }
 
-    /// A header and its data, the shape of most replies, without touching the heap.
-    public func writeAll(_ header: UnsafeRawBufferPointer, _ data: UnsafeRawBufferPointer) throws(Errno) {
-        try withUnsafeTemporaryAllocation(of: iovec.self, capacity: 2) { (vecs) throws(Errno) in
-            vecs[0] = iovec(iov_base: UnsafeMutableRawPointer(mutating: header.baseAddress), iov_len: header.count)
-            vecs[1] = iovec(iov_base: UnsafeMutableRawPointer(mutating: data.baseAddress), iov_len: data.count)
-            try sendAll(vecs)
-        }
-    }
-
     /// Sends the iovecs completely, advancing past partial sends. The iovecs are consumed.
     private func sendAll(_ vecs: UnsafeMutableBufferPointer<iovec>) throws(Errno) {
         var first = 0
