@@ -27,6 +27,10 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// How many layers of a backing chain down each range is allocated
     /// (0: nowhere, 1: this image, 2: its backing file, ...).
     func allocationDepth(at offset: UInt64, length: UInt64) throws(DeviceError) -> [DepthExtent]
+    /// Which ranges from `offset` the persistent dirty bitmap `name` marks dirty: contiguous
+    /// extents covering at least one byte and at most `length` bytes, in order. Devices
+    /// without bitmaps throw `.notSupported`.
+    func dirtyBitmapExtents(named name: String, at offset: UInt64, length: UInt64) throws(DeviceError) -> [BitmapExtent]
     /// Flushes and releases resources; called once when the export stops.
     func close()
 }
@@ -36,6 +40,10 @@ extension BlockDevice {
     public func allocationDepth(at offset: UInt64, length: UInt64) throws(DeviceError) -> [DepthExtent] {
         let extents = try extents(at: offset, length: length)
         return extents.map { DepthExtent(length: $0.length, depth: $0.flags.contains(.hole) ? 0 : 1) }
+    }
+    public func dirtyBitmapExtents(named name: String, at offset: UInt64,
+                                   length: UInt64) throws(DeviceError) -> [BitmapExtent] {
+        throw DeviceError(.notSupported, "this image has no bitmap '\(name)'")
     }
 }
 
@@ -96,6 +104,17 @@ public struct DepthExtent: Sendable, Equatable {
     public init(length: UInt64, depth: UInt32) {
         self.length = length
         self.depth = depth
+    }
+}
+
+/// One run of bytes a dirty bitmap marks the same way.
+public struct BitmapExtent: Sendable, Equatable {
+    public var length: UInt64
+    /// Written since the bitmap was created or last cleared.
+    public var dirty: Bool
+    public init(length: UInt64, dirty: Bool) {
+        self.length = length
+        self.dirty = dirty
     }
 }
 

@@ -157,6 +157,12 @@ public final class SnapshotOverlayDevice: BlockDevice, @unchecked Sendable {
         return result
     }
 
+    /// The image's bitmap, which the overlay's writes never reach (qemu-nbd -s -B reports the same).
+    public func dirtyBitmapExtents(named name: String, at offset: UInt64,
+                                   length: UInt64) throws(DeviceError) -> [BitmapExtent] {
+        try base.dirtyBitmapExtents(named: name, at: offset, length: length)
+    }
+
     public func close() {
         overlay.close()
         base.close()

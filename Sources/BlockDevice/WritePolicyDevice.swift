@@ -76,6 +76,11 @@ public final class WritePolicyDevice: BlockDevice {
         try base.allocationDepth(at: offset, length: length)
     }
 
+    public func dirtyBitmapExtents(named name: String, at offset: UInt64,
+                                   length: UInt64) throws(DeviceError) -> [BitmapExtent] {
+        try base.dirtyBitmapExtents(named: name, at: offset, length: length)
+    }
+
     public func close() { base.close() }
 }
 

@@ -150,7 +150,7 @@ struct RequestHandler: @unchecked Sendable {
 
     private func runs(of context: MetaContext, at offset: UInt64,
                       length: UInt64) throws(DeviceError) -> [(UInt64, UInt64)] {
-        switch context {
+        switch context.kind {
         case .baseAllocation:
             return try device.extents(at: offset, length: length).map {
                 var flags: AllocationFlags = []
@@ -160,6 +160,11 @@ struct RequestHandler: @unchecked Sendable {
             }
         case .allocationDepth:
             return try device.allocationDepth(at: offset, length: length).map { ($0.length, UInt64($0.depth)) }
+        case .dirtyBitmap(let name):
+            // qemu's docs/interop/nbd.txt: bit 0 set means dirty.
+            return try device.dirtyBitmapExtents(named: name, at: offset, length: length).map {
+                ($0.length, $0.dirty ? 1 : 0)
+            }
         }
     }
 }

@@ -29,6 +29,7 @@ import SystemIO
 extension QCOW2Device {
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws(DeviceError) {
         try requireWritable(offset: offset, length: UInt64(data.count))
+        markBitmapsDirty(at: offset, length: UInt64(data.count))
         var position = 0
         while position < data.count {
             let guest = offset + UInt64(position)
@@ -59,7 +60,10 @@ extension QCOW2Device {
     public func flush() throws(DeviceError) {
         guard writable else { return }
         do throws(Errno) { try dataFile?.sync() } catch { throw .system(error, "fdatasync of the data file") }
-        try withMetadataLock { () throws(DeviceError) in try commit(durable: true) }
+        try withMetadataLock { () throws(DeviceError) in
+            try writeBackBitmaps()
+            try commit(durable: true)
+        }
     }
 
     /// Makes a range read as zeros: v3 images set the zero flag on whole
@@ -85,6 +89,8 @@ extension QCOW2Device {
             }
             guard cheap else { throw DeviceError(.notSupported, "qcow2: zeroing this range needs data writes") }
         }
+        // After the fast check: a refused fast zero changes nothing.
+        markBitmapsDirty(at: offset, length: length)
         var position = offset
         while position < end {
             let clusterStart = position & ~(cluster - 1)
@@ -125,6 +131,7 @@ extension QCOW2Device {
     /// images get the zero flag and v2 images keep their data.
     public func trim(at offset: UInt64, length: UInt64, fua: Bool) throws(DeviceError) {
         try requireWritable(offset: offset, length: length)
+        markBitmapsDirty(at: offset, length: length)
         guard !header.dataFileIsRaw else { return }  // the raw data file must keep matching the disk
         let cluster = geometry.clusterSize
         var position = (offset + cluster - 1) & ~(cluster - 1)

@@ -57,6 +57,8 @@ public final class QCOW2Device: BlockDevice {
     /// Paths of the backing chain below this image, nearest first.
     public let backingChain: [String]
     let l2Cache: L2Cache
+    /// Persistent dirty bitmaps (`QCOW2Device+Bitmaps.swift`); nil without a consistent bitmaps extension.
+    let bitmaps: PersistentBitmaps?
     /// The image file's size, for bounds checks on metadata; refreshed on demand.
     let imageFileSize: Atomic<UInt64>
     let logger: Logger
@@ -107,6 +109,7 @@ public final class QCOW2Device: BlockDevice {
             var l1Table = try QCOW2Device.readTable(file, at: l1Offset, entries: Int(l1Size))
             var refcounts: RefcountManager?
             var metadataMap: MetadataMap?
+            var bitmaps: PersistentBitmaps?
             if writable {
                 metadataMap = MetadataMap(clusterBits: Int(header.clusterBits))
                 refcounts = try RefcountManager(file: file, header: header, fileSize: fileSize, metadata: metadataMap)
@@ -118,12 +121,9 @@ public final class QCOW2Device: BlockDevice {
                     header.incompatibleFeatures.remove(.dirty)
                     l1Table = try QCOW2Device.readTable(file, at: l1Offset, entries: Int(l1Size))
                 }
-                // Persistent bitmaps are not updated by our writes: flag each one in_use
-                // (inconsistent), as qemu does while it has an image open, rather than
-                // clearing the autoclear bit, which would leave their clusters leaked.
-                if header.hasBitmapsExtension && header.autoclearFeatures & 1 != 0 {
-                    try Bitmaps.markInUse(file: file, header: header, fileSize: fileSize)
-                }
+                // Bitmaps are loaded (and the enabled ones marked in_use) before anything is written.
+                bitmaps = try PersistentBitmaps.load(file: file, header: header, size: size, fileSize: fileSize,
+                                                     metadata: metadataMap)
                 // Other autoclear features we don't maintain must be cleared before writing.
                 if header.version >= 3 && header.autoclearFeatures & ~QCOW2Device.maintainedAutoclear != 0 {
                     let cleared = header.autoclearFeatures & QCOW2Device.maintainedAutoclear
@@ -157,6 +157,12 @@ public final class QCOW2Device: BlockDevice {
                 opened.append(dataFile!)
             }
 
+            // Read-only, for export; the active layer's bitmaps say nothing of a snapshot.
+            if !writable && options.snapshot == nil {
+                bitmaps = try PersistentBitmaps.load(file: file, header: header, size: size, fileSize: fileSize,
+                                                     metadata: nil)
+            }
+
             var backingChain: [String] = []
             if let name = header.backingFile, !name.isEmpty {
                 let (device, backingPath) = try BackingChain.open(name: name, format: header.backingFormat,
@@ -183,6 +189,7 @@ public final class QCOW2Device: BlockDevice {
             self.writable = writable
             self.refcounts = refcounts
             self.backing = backingDevice
+            self.bitmaps = bitmaps
             self.l2Cache = L2Cache(capacityBytes: options.l2CacheBytes, clusterBits: geometry.clusterBits)
             self.imageFileSize = Atomic(fileSize)
             // One device object serves every connection and flush() syncs the file
@@ -222,7 +229,9 @@ public final class QCOW2Device: BlockDevice {
     }
 
     public func close() {
+        let bitmapsWrittenBack = writeBackBitmapsForClose()
         closeMetadata()
+        closeBitmaps(writtenBack: bitmapsWrittenBack)
         backing?.close()
         dataFile?.close()
         file.close()
@@ -246,7 +255,7 @@ public final class QCOW2Device: BlockDevice {
 
     /// Reads a table of big-endian 64-bit entries (L1 or refcount table).
     /// Autoclear bits this engine keeps true while writing: "bitmaps" (their
-    /// directory stays valid; the bitmaps are flagged in_use) and "raw external data".
+    /// directory stays valid; each enabled bitmap is kept true or flagged in_use) and "raw external data".
     static let maintainedAutoclear: UInt64 = 1 << 0 | 1 << 1
 
     static func bigEndianBytes<T: FixedWidthInteger>(_ value: T) -> [UInt8] {

@@ -55,6 +55,8 @@ public enum QCOW2Error: Error, Sendable, Equatable, CustomStringConvertible {
     case io(reason: String)
     /// Something else this implementation does not support.
     case unsupported(reason: String)
+    /// A persistent bitmap asked for by name is missing or inconsistent.
+    case bitmapUnavailable(name: String, reason: String)
 
     public var description: String {
         switch self {
@@ -85,6 +87,7 @@ public enum QCOW2Error: Error, Sendable, Equatable, CustomStringConvertible {
         case .externalDataFileUnavailable(let reason): "external data file: \(reason)"
         case .io(let reason): "cannot read qcow2 metadata: \(reason)"
         case .unsupported(let reason): "unsupported qcow2 image: \(reason)"
+        case .bitmapUnavailable(let name, let reason): "cannot export bitmap '\(name)': \(reason)"
         }
     }
 }

@@ -20,6 +20,8 @@ public struct ExportOptions: Sendable {
     public var exportName = ""
     public var description = ""
     public var allocationDepth = false
+    /// Persistent bitmaps to export as `qemu:dirty-bitmap:NAME` contexts (`-B`); qcow2 only.
+    public var bitmaps: [String] = []
     public var l2CacheBytes: Int?
     /// Most clients at once (`-e`, 0: no limit); multi-conn is advertised unless it is 1.
     public var maxConnections = 1
@@ -70,6 +72,9 @@ public enum SwiftNBDKit {
             guard options.loadSnapshot == nil else {
                 throw StartupError("'\(options.path)': raw images have no internal snapshots (-l needs qcow2)")
             }
+            if let name = options.bitmaps.first {
+                throw StartupError("'\(options.path)': cannot export bitmap '\(name)': raw images have no bitmaps")
+            }
             do {
                 device = try RawFileDevice(path: options.path, readOnly: imageReadOnly)
             } catch {
@@ -81,6 +86,12 @@ public enum SwiftNBDKit {
             if let bytes = options.l2CacheBytes { qcowOptions.l2CacheBytes = bytes }
             do {
                 let qcow2 = try QCOW2Device(path: options.path, readOnly: imageReadOnly, options: qcowOptions)
+                do {
+                    for name in options.bitmaps { try qcow2.requireExportableBitmap(named: name) }
+                } catch {
+                    qcow2.close()
+                    throw error
+                }
                 device = qcow2
                 statistics = qcow2
             } catch {
@@ -99,14 +110,14 @@ public enum SwiftNBDKit {
         }
         let export = Export(name: options.exportName, description: options.description, device: device,
                             readOnly: readOnly, exposeAllocationDepth: options.allocationDepth,
-                            allowMultiConn: options.maxConnections != 1)
+                            dirtyBitmaps: options.bitmaps, allowMultiConn: options.maxConnections != 1)
         return (export, statistics)
     }
 }
 
 extension ExportOptions {
-    /// One `--export` value: `name=NAME,file=PATH[,format=raw|qcow2][,readonly=on|off][,description=TEXT]`,
-    /// in qemu's option syntax (a doubled comma is a literal one). What it does not set comes from `shared`.
+    /// One `--export` value: `name=NAME,file=PATH[,format=raw|qcow2][,readonly=on|off][,description=TEXT]`
+    /// `[,bitmap=NAME]...` (repeatable, as `-B`), in qemu's option syntax (a doubled comma is a literal one). What it does not set comes from `shared`.
     public static func parse(export spec: String, shared: ExportOptions) throws(StartupError) -> ExportOptions {
         var options = shared
         var name: String?
@@ -131,8 +142,12 @@ extension ExportOptions {
                 }
                 options.readOnly = on
             case "description": options.description = value
+            case "bitmap":
+                guard !value.isEmpty else { throw StartupError("--export '\(spec)': bitmap= needs a name") }
+                options.bitmaps.append(value)
             default:
-                throw StartupError("--export '\(spec)': unknown key '\(key)' (name, file, format, readonly, description)")
+                throw StartupError(
+                    "--export '\(spec)': unknown key '\(key)' (name, file, format, readonly, description, bitmap)")
             }
         }
         guard let name, let file, !file.isEmpty else {

@@ -70,6 +70,11 @@ struct SwiftNBD: ParsableCommand {
           help: "Offer the qemu:allocation-depth metadata context.")
     var allocationDepth = false
 
+    @Option(name: [.customShort("B"), .customLong("bitmap")],
+            help: ArgumentHelp("Offer this persistent qcow2 bitmap as the qemu:dirty-bitmap:NAME context (repeatable).",
+                               valueName: "NAME"))
+    var bitmaps: [String] = []
+
     @Flag(name: .customLong("fork"), help: "Go to the background once the socket is listening.")
     var fork = false
 
@@ -137,7 +142,7 @@ struct SwiftNBD: ParsableCommand {
 
     @Option(name: .customLong("export"),
             help: ArgumentHelp("Serve another export (repeatable).",
-                               valueName: "name=NAME,file=PATH[,format=raw|qcow2][,readonly=on][,description=TEXT]"))
+                               valueName: "name=NAME,file=PATH[,format=raw|qcow2][,readonly=on][,description=TEXT][,bitmap=NAME]"))
     var exportSpecs: [String] = []
 
     @Argument(help: "The image file (optional when --export is given).")
@@ -157,6 +162,9 @@ struct SwiftNBD: ParsableCommand {
         guard (0...65535).contains(port) else { throw ValidationError("port \(port) is out of range") }
         guard shared >= 0 else { throw ValidationError("--shared can't be negative") }
         guard image != nil || !exportSpecs.isEmpty else { throw ValidationError("no image: give FILE or --export") }
+        guard image != nil || bitmaps.isEmpty else {
+            throw ValidationError("-B applies to the image argument; give --export ...,bitmap=NAME instead")
+        }
         guard metricsInterval > 0 else { throw ValidationError("--metrics-interval must be positive") }
         guard handshakeTimeout >= 0 else { throw ValidationError("--handshake-timeout can't be negative") }
         guard exportName.utf8.count <= 4096, description.utf8.count <= 4096 else {
@@ -229,6 +237,7 @@ struct SwiftNBD: ParsableCommand {
             options.exportName = exportName
             options.description = description
             options.temporarySnapshot = snapshot
+            options.bitmaps = bitmaps
             all.append(options)
         }
         for spec in exportSpecs { all.append(try ExportOptions.parse(export: spec, shared: common)) }
