@@ -279,25 +279,6 @@ import Testing
     }
 }
 
-/// Persistent bitmaps are flagged in_use by a read-write open, and the image
-/// stays clean for qemu-img check.
-@Suite struct BitmapTests {
-    @Test func bitmapsMarkedInUse() throws {
-        let dir = try TemporaryDirectory("qcow2-bitmaps")
-        let path = try WriteTests.plain("compat=1.1")(dir)
-        try Q.img(["bitmap", "--add", path, "b0"])
-        try Q.img(["bitmap", "--add", "-g", "128k", path, "b1"])
-        var model = try Q.qemuRaw(path, scratch: dir)
-        let device = try QCOW2Device(path: path, readOnly: false)
-        try WriteTests.apply(WriteTests.randomOps(count: 30, size: device.size, cluster: 65536, seed: 3),
-                             to: device, model: &model)
-        device.close()
-        try WriteTests.expectConsistent(path, model: model, dir: dir)
-        let info = try Tools.check("qemu-img", ["info", path])
-        #expect(info.components(separatedBy: "in-use").count == 3, "\(info)")
-    }
-}
-
 /// Threads write disjoint, unaligned 250-byte chunks that share subclusters
 /// and clusters: in-place writes and read-modify-write of partly allocated
 /// subclusters race, and no write may be lost.
