@@ -62,6 +62,11 @@ public enum SwiftNBDKit {
     public static func open(_ options: ExportOptions)
         throws(StartupError) -> (export: Export, statistics: (any DeviceStatisticsSource)?) {
         let format = options.format ?? probeFormat(path: options.path)
+        if let twice = options.bitmaps.first(where: { name in options.bitmaps.filter { $0 == name }.count > 1 }) {
+            throw StartupError("bitmap '\(twice)' is given twice")
+        }
+        // A block status payload chooses among at most 64 contexts, two of them not bitmaps.
+        guard options.bitmaps.count <= 62 else { throw StartupError("at most 62 bitmaps can be exported at once") }
         var device: any BlockDevice
         var statistics: (any DeviceStatisticsSource)?
         let readOnly = options.readOnly || options.loadSnapshot != nil
