@@ -95,12 +95,16 @@ final class PersistentBitmap: Sendable {
         let last = Int((offset + length - 1) >> UInt64(granularityBits))
         state.withLock { s in
             let firstByte = first / 8, lastByte = last / 8
+            var lastChanged = -1  // one set insertion per data cluster, not per byte (a whole-disk trim)
             for byte in firstByte...lastByte {
                 let from = byte == firstByte ? first % 8 : 0, to = byte == lastByte ? last % 8 : 7
                 let mask = UInt8(truncatingIfNeeded: (0xFF << from) & (0xFF >> (7 - to)))
                 guard s.bytes[byte] & mask != mask else { continue }
                 s.bytes[byte] |= mask
-                s.changed.insert(byte >> clusterBits)
+                if byte >> clusterBits != lastChanged {
+                    lastChanged = byte >> clusterBits
+                    s.changed.insert(lastChanged)
+                }
             }
         }
     }
@@ -149,15 +153,18 @@ final class PersistentBitmaps: Sendable {
     let unusable: [String: String]
     /// Entries this open marked in_use: the tracked ones, and the enabled ones it could not track.
     let markedInUse: [BitmapDirectoryEntry]
+    /// Why a read-only open could not read the directory at all (the image is still served).
+    let unreadable: String?
 
     var tracked: [PersistentBitmap] { usable.filter(\.tracked) }
 
     init(directoryOffset: UInt64, usable: [PersistentBitmap], unusable: [String: String],
-         markedInUse: [BitmapDirectoryEntry]) {
+         markedInUse: [BitmapDirectoryEntry], unreadable: String? = nil) {
         self.directoryOffset = directoryOffset
         self.usable = usable
         self.unusable = unusable
         self.markedInUse = markedInUse
+        self.unreadable = unreadable
     }
 
     func bitmap(named name: String) -> PersistentBitmap? { usable.first { $0.entry.name == name } }

@@ -14,7 +14,7 @@ extension QCOW2Device {
     /// (qemu-nbd -B refuses the same).
     public func requireExportableBitmap(named name: String) throws(QCOW2Error) {
         if bitmaps?.bitmap(named: name) != nil { return }
-        if let why = bitmaps?.unusable[name] { throw .bitmapUnavailable(name: name, reason: why) }
+        if let why = bitmaps?.unusable[name] ?? bitmaps?.unreadable { throw .bitmapUnavailable(name: name, reason: why) }
         throw .bitmapUnavailable(name: name, reason: "the image has no bitmap of that name")
     }
 

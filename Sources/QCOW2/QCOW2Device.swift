@@ -158,9 +158,15 @@ public final class QCOW2Device: BlockDevice {
             }
 
             // Read-only, for export; the active layer's bitmaps say nothing of a snapshot.
+            // A broken bitmap directory keeps only -B from working: reading needs no bitmap.
             if !writable && options.snapshot == nil {
-                bitmaps = try PersistentBitmaps.load(file: file, header: header, size: size, fileSize: fileSize,
-                                                     metadata: nil)
+                do throws(QCOW2Error) {
+                    bitmaps = try PersistentBitmaps.load(file: file, header: header, size: size, fileSize: fileSize,
+                                                         metadata: nil)
+                } catch {
+                    bitmaps = PersistentBitmaps(directoryOffset: 0, usable: [], unusable: [:], markedInUse: [],
+                                                unreadable: error.description)
+                }
             }
 
             var backingChain: [String] = []

@@ -87,6 +87,28 @@ import Testing
         #expect(try Q.fileBytes(path) == before)
     }
 
+    @Test func aBrokenDirectoryFailsOnlyTheBitmapsOfAReadOnlyOpen() throws {
+        let dir = try TemporaryDirectory("qcow2-bitmaps-broken")
+        let path = try WriteTests.plain("compat=1.1")(dir)
+        try Q.img(["bitmap", "--add", path, "b0"])
+        // The bitmaps extension's directory offset, moved off its cluster boundary.
+        let bytes = try Q.fileBytes(path)
+        let type: [UInt8] = [0x23, 0x85, 0x28, 0x75]
+        let ext = try #require((72..<65536).first { Array(bytes[$0..<$0 + 4]) == type })
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: path))
+        try handle.seek(toOffset: UInt64(ext + 8 + 23))
+        try handle.write(contentsOf: [0x08])
+        try handle.close()
+        #expect(throws: QCOW2Error.self) { try QCOW2Device(path: path, readOnly: false).close() }
+        let device = try QCOW2Device(path: path, readOnly: true)
+        defer { device.close() }
+        #expect(try Q.readAll(device).count == Int(device.size))
+        #expect(throws: QCOW2Error.bitmapUnavailable(
+            name: "b0", reason: "invalid qcow2 header extension 0x23852875: bitmap directory is misplaced")) {
+            try device.requireExportableBitmap(named: "b0")
+        }
+    }
+
     @Test func bitmapsOfAnOlderProgramAreIgnored() throws {
         let dir = try TemporaryDirectory("qcow2-bitmaps-autoclear")
         let path = try WriteTests.plain("compat=1.1")(dir)
