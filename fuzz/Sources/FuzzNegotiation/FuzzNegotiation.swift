@@ -14,7 +14,8 @@ func fuzzNegotiation(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
     let config: UInt8 = input.next()
     let export = Export(name: config & 1 != 0 ? "disk" : "", description: config & 2 != 0 ? "a fuzzed export" : "",
                         device: StubDevice(size: UInt64(config >> 4) << 20, capabilities: capabilities),
-                        readOnly: config & 4 != 0, exposeAllocationDepth: config & 8 != 0)
+                        readOnly: config & 4 != 0, exposeAllocationDepth: config & 8 != 0,
+                        dirtyBitmaps: config & 0x10 != 0 ? ["b0", "b1"] : [])
 
     let rawFlags: UInt32 = input.next()
     guard let clientFlags = try? ClientFlags.decode(rawFlags) else {

@@ -59,7 +59,7 @@ private func bitmapDirectory(_ input: inout FuzzInput) {
     let bytes = Array(input.rest())
     guard let offsets = Bitmaps.flagOffsets(in: bytes, count: count) else { return }
     fuzzCheck(offsets.count == count, "\(offsets.count) flags for \(count) bitmaps")
-    // markInUse rewrites four bytes at each offset: they must lie in the directory.
+    // Marking a bitmap in use (and clearing it) rewrites four bytes at each offset: they must lie in the directory.
     fuzzCheck(offsets.allSatisfy { $0 >= 0 && $0 + 4 <= bytes.count }, "flag offsets \(offsets) in \(bytes.count)")
     fuzzCheck(zip(offsets, offsets.dropFirst()).allSatisfy { $0 < $1 }, "flag offsets out of order")
 }

@@ -23,7 +23,8 @@ func fuzzTransmission(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
     session.flags = TransmissionFlags(capabilities: capabilities, readOnly: config & 2 != 0,
                                       structuredReplies: session.structuredReplies)
     if config & 4 != 0 { session.flags = TransmissionFlags(rawValue: input.next()) }  // any flags at all
-    if session.structuredReplies { session.metaContexts = Array(MetaContext.allCases.prefix(Int(config >> 5) % 3)) }
+    let contexts: [MetaContext] = [.baseAllocation, .allocationDepth, .dirtyBitmap("b0", id: 3)]
+    if session.structuredReplies { session.metaContexts = Array(contexts.prefix(Int(config >> 5) % 4)) }
     if extended && !session.metaContexts.isEmpty { session.flags.insert(.blockStatusPayload) }
 
     while input.remaining >= Request.wireSize(extended: extended) {
