@@ -76,6 +76,39 @@ import Testing
             == [BitmapExtent(length: reopened.size, dirty: false)])
     }
 
+    /// Writers set bits while flushes copy the bitmap out and write it back: no bit is lost.
+    @Test func bitsSetDuringFlushesAreKept() throws {
+        let dir = try TemporaryDirectory("qcow2-bitmaps-mt")
+        let path = try WriteTests.plain("compat=1.1,cluster_size=4k")(dir)
+        try Q.img(["bitmap", "--add", "-g", "4k", path, "b0"])
+        let device = try QCOW2Device(path: path, readOnly: false)
+        let threads = 4, blocks = Int(device.size / 4096)
+        // Every third 4 KiB block, spread over the threads; a fifth thread flushes.
+        DispatchQueue.concurrentPerform(iterations: threads + 1) { t in
+            if t == threads {
+                for _ in 0..<20 { try? device.flush() }
+                return
+            }
+            let bytes = [UInt8](repeating: UInt8(t + 1), count: 4096)
+            for block in stride(from: t * 3, to: blocks, by: threads * 3) {
+                try? bytes.withUnsafeBytes { try device.write($0, at: UInt64(block * 4096), fua: false) }
+            }
+        }
+        device.close()
+        let check = try Tools.run("qemu-img", ["check", path])
+        #expect(check.status == 0, "\(check.stdout)")
+        let reopened = try QCOW2Device(path: path, readOnly: true)
+        defer { reopened.close() }
+        var expected: [BitmapExtent] = []
+        for block in 0..<blocks {
+            let dirty = block % 3 == 0
+            if let last = expected.last, last.dirty == dirty { expected[expected.count - 1].length += 4096 } else {
+                expected.append(BitmapExtent(length: 4096, dirty: dirty))
+            }
+        }
+        #expect(try reopened.dirtyBitmapExtents(named: "b0", at: 0, length: reopened.size) == expected)
+    }
+
     @Test func readOnlyOpenChangesNothing() throws {
         let dir = try TemporaryDirectory("qcow2-bitmaps-ro")
         let path = try WriteTests.plain("compat=1.1")(dir)
