@@ -126,6 +126,19 @@ import Testing
         #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == before)
     }
 
+    /// With -s the writes go to the overlay: the image and its bitmaps stay as they were.
+    @Test func temporarySnapshotLeavesBitmapsAlone() throws {
+        let scratch = try TemporaryDirectory()
+        let path = try Self.image(in: scratch)
+        let expected = try Self.qemuMaps(path, ["b0"])
+        let before = try Data(contentsOf: URL(fileURLWithPath: path))
+        let server = try ServerProcess(["-t", "-s", "-B", "b0", path])
+        try ImageFactory.io(server.uri, format: "raw", ["write -P 6 50M 1M", "flush"])
+        #expect(try Self.map("b0", server.uri) == expected["b0"])
+        #expect(server.stop() == 0)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == before)
+    }
+
     @Test(arguments: [(["-B", "nope"], "no bitmap of that name"), (["-f", "raw", "-B", "b0"], "raw images have no bitmaps")])
     func refusesBitmapsItCannotExport(_ arguments: [String], _ why: String) throws {
         let scratch = try TemporaryDirectory()
