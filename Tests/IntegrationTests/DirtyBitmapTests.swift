@@ -7,10 +7,11 @@ import Testing
 /// `qemu:dirty-bitmap:NAME` with the extents qemu-nbd -B gives, and kept
 /// true by writes through swiftnbd, as qemu keeps them when it writes.
 @Suite struct DirtyBitmapTests {
-    static let bitmaps = ["b0", "b1", "bdis"]
+    static let bitmaps = ["b0", "b1", "bdis", "late"]
 
     /// A 64 MiB image with data, then bitmaps b0 (64 KiB granularity), b1
-    /// (256 KiB) and bdis (disabled), then writes that only the enabled ones see.
+    /// (256 KiB), bdis (disabled) and late (enabled after the first writes),
+    /// then writes that only the enabled ones see.
     static func image(in scratch: TemporaryDirectory, name: String = "disk.qcow2") throws -> String {
         let path = scratch.file(name)
         try ImageFactory.create(path, format: "qcow2", size: "64M", options: [])
@@ -18,7 +19,10 @@ import Testing
         try Tools.check("qemu-img", ["bitmap", "--add", path, "b0"])
         try Tools.check("qemu-img", ["bitmap", "--add", "-g", "256K", path, "b1"])
         try Tools.check("qemu-img", ["bitmap", "--add", "--disable", path, "bdis"])
-        try ImageFactory.io(path, format: "qcow2", ["write -P 2 1M 100K", "write -P 3 10M 4K", "write -z 30M 1M"])
+        try Tools.check("qemu-img", ["bitmap", "--add", "--disable", path, "late"])
+        try ImageFactory.io(path, format: "qcow2", ["write -P 2 1M 100K", "write -P 3 10M 4K"])
+        try Tools.check("qemu-img", ["bitmap", "--enable", path, "late"])
+        try ImageFactory.io(path, format: "qcow2", ["write -z 30M 1M"])
         return path
     }
 
@@ -55,6 +59,7 @@ import Testing
         let path = try Self.image(in: scratch)
         let expected = try Self.qemuMaps(path)
         #expect(expected["b0"]!.contains("dirty") && !expected["bdis"]!.contains("dirty"), "the fixture's premise")
+        #expect(expected["late"] != expected["b0"], "late saw only the writes after --enable")
         let server = try ServerProcess(["-t", "-r", "-e", "4"] + Self.bitmaps.flatMap { ["-B", $0] } + [path])
         defer { server.stop() }
         for name in Self.bitmaps {
@@ -89,7 +94,7 @@ import Testing
         #expect(server.stop() == 0)
 
         let flags = try Self.flags(ours)
-        #expect(flags == ["b0": ["auto"], "b1": ["auto"], "bdis": []], "consistent after a clean stop")
+        #expect(flags == ["b0": ["auto"], "b1": ["auto"], "bdis": [], "late": ["auto"]], "consistent after a clean stop")
         try Tools.check("qemu-img", ["check", ours])
         let expected = try Self.qemuMaps(twin), actual = try Self.qemuMaps(ours)
         for name in Self.bitmaps { #expect(actual[name] == expected[name], "\(name)") }
@@ -103,7 +108,8 @@ import Testing
         try ImageFactory.io(server.uri, format: "raw", ["write -P 5 2M 64K", "flush"])
         server.process.send(SIGKILL)
         _ = server.process.waitForExit(timeout: .seconds(30))
-        #expect(try Self.flags(path) == ["b0": ["in-use", "auto"], "b1": ["in-use", "auto"], "bdis": []])
+        #expect(try Self.flags(path) == ["b0": ["in-use", "auto"], "b1": ["in-use", "auto"], "bdis": [],
+                                         "late": ["in-use", "auto"]])
         // Leaked clusters (exit 3) are what a kill may leave; errors (exit 2) are not.
         let check = try Tools.run("qemu-img", ["check", path])
         #expect(check.status == 0 || check.status == 3, "\(check.stdout)")
