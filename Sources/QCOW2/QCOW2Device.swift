@@ -109,7 +109,6 @@ public final class QCOW2Device: BlockDevice {
             var l1Table = try QCOW2Device.readTable(file, at: l1Offset, entries: Int(l1Size))
             var refcounts: RefcountManager?
             var metadataMap: MetadataMap?
-            var bitmaps: PersistentBitmaps?
             if writable {
                 metadataMap = MetadataMap(clusterBits: Int(header.clusterBits))
                 refcounts = try RefcountManager(file: file, header: header, fileSize: fileSize, metadata: metadataMap)
@@ -121,9 +120,6 @@ public final class QCOW2Device: BlockDevice {
                     header.incompatibleFeatures.remove(.dirty)
                     l1Table = try QCOW2Device.readTable(file, at: l1Offset, entries: Int(l1Size))
                 }
-                // Bitmaps are loaded (and the enabled ones marked in_use) before anything is written.
-                bitmaps = try PersistentBitmaps.load(file: file, header: header, size: size, fileSize: fileSize,
-                                                     metadata: metadataMap)
                 // Other autoclear features we don't maintain must be cleared before writing.
                 if header.version >= 3 && header.autoclearFeatures & ~QCOW2Device.maintainedAutoclear != 0 {
                     let cleared = header.autoclearFeatures & QCOW2Device.maintainedAutoclear
@@ -157,18 +153,6 @@ public final class QCOW2Device: BlockDevice {
                 opened.append(dataFile!)
             }
 
-            // Read-only, for export; the active layer's bitmaps say nothing of a snapshot.
-            // A broken bitmap directory keeps only -B from working: reading needs no bitmap.
-            if !writable && options.snapshot == nil {
-                do throws(QCOW2Error) {
-                    bitmaps = try PersistentBitmaps.load(file: file, header: header, size: size, fileSize: fileSize,
-                                                         metadata: nil)
-                } catch {
-                    bitmaps = PersistentBitmaps(directoryOffset: 0, usable: [], unusable: [:], markedInUse: [],
-                                                unreadable: error.description)
-                }
-            }
-
             var backingChain: [String] = []
             if let name = header.backingFile, !name.isEmpty {
                 let (device, backingPath) = try BackingChain.open(name: name, format: header.backingFormat,
@@ -179,6 +163,19 @@ public final class QCOW2Device: BlockDevice {
             if let metadataMap {
                 try QCOW2Device.mapMetadata(metadataMap, file: file, header: header, l1Table: l1Table,
                                             l1Offset: l1Offset, snapshots: snapshots, fileSize: fileSize)
+            }
+            // Last, so that an image refused for another reason keeps its bitmaps as they were:
+            // a read-write load marks the enabled ones in_use. The active layer's bitmaps say
+            // nothing of a snapshot. On a read-only open a broken bitmap directory fails only -B.
+            var bitmaps: PersistentBitmaps?
+            if options.snapshot == nil {
+                do throws(QCOW2Error) {
+                    bitmaps = try PersistentBitmaps.load(file: file, header: header, size: size, fileSize: fileSize,
+                                                         metadata: metadataMap)
+                } catch where !writable {
+                    bitmaps = PersistentBitmaps(directoryOffset: 0, usable: [], unusable: [:], markedInUse: [],
+                                                unreadable: error.description)
+                }
             }
 
             self.path = path

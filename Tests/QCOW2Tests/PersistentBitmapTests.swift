@@ -109,6 +109,17 @@ import Testing
         #expect(try reopened.dirtyBitmapExtents(named: "b0", at: 0, length: reopened.size) == expected)
     }
 
+    @Test func anOpenRefusedForAnotherReasonLeavesBitmapsConsistent() throws {
+        let dir = try TemporaryDirectory("qcow2-bitmaps-refused")
+        let base = dir.file("base.raw"), path = dir.file("image.qcow2")
+        try Q.img(["create", "-q", "-f", "raw", base, "1M"])
+        try Q.img(["create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", path, "1M"])
+        try Q.img(["bitmap", "--add", path, "b0"])
+        try FileManager.default.removeItem(atPath: base)
+        #expect(throws: QCOW2Error.self) { try QCOW2Device(path: path, readOnly: false).close() }
+        #expect(try Self.inUseCount(path) == 0)
+    }
+
     @Test func readOnlyOpenChangesNothing() throws {
         let dir = try TemporaryDirectory("qcow2-bitmaps-ro")
         let path = try WriteTests.plain("compat=1.1")(dir)
