@@ -156,12 +156,14 @@ final class PersistentBitmaps: Sendable {
     /// Why a read-only open could not read the directory at all (the image is still served).
     let unreadable: String?
 
-    var tracked: [PersistentBitmap] { usable.filter(\.tracked) }
+    /// The usable ones that writes update; kept apart so the write path filters nothing.
+    let tracked: [PersistentBitmap]
 
     init(directoryOffset: UInt64, usable: [PersistentBitmap], unusable: [String: String],
          markedInUse: [BitmapDirectoryEntry], unreadable: String? = nil) {
         self.directoryOffset = directoryOffset
         self.usable = usable
+        self.tracked = usable.filter(\.tracked)
         self.unusable = unusable
         self.markedInUse = markedInUse
         self.unreadable = unreadable
