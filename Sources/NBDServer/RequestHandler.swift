@@ -12,8 +12,10 @@ final class TransferCounters: Sendable {
 /// Turns one validated request into its reply by calling the device: no
 /// sockets, so it is tested with an in-memory device alone.
 struct RequestHandler: @unchecked Sendable {
-    /// Most bytes of descriptors in one block status chunk: 1 MiB, as qemu-nbd caps it.
-    static let maxDescriptorBytes = 1 << 20
+    /// Most descriptors in one block status chunk: qemu-nbd's cap (1 MiB of
+    /// 8-byte descriptors), kept as a count so that extended headers' 16-byte
+    /// descriptors cover as much of the disk per request (2 MiB).
+    static let maxDescriptors = 131_072
     /// Extents are asked of the device a window at a time, so a capped reply
     /// costs about what it holds, not what the whole range would.
     static let extentWindow: UInt64 = 128 << 20
@@ -102,7 +104,7 @@ struct RequestHandler: @unchecked Sendable {
         let framing = framing(for: request) ?? .structured
         let extended = session.extendedHeaders
         let limit = request.flags.contains(.requestOne)
-            ? 1 : Self.maxDescriptorBytes / BlockStatusDescriptor.size(extended: extended)
+            ? 1 : Self.maxDescriptors
         let chosen = session.metaContexts.indices.filter { contexts.contains($0) }
         var chunks: [UInt8] = []
         for (n, index) in chosen.enumerated() {

@@ -171,7 +171,9 @@ struct TransmissionReader {
         case .read, .write:
             bytes = Int(min(request.length, UInt64(Limits.maxPayload))) + ReplyHeader.maxSize
         case .blockStatus:
-            bytes = session.metaContexts.count * (RequestHandler.maxDescriptorBytes + ReplyHeader.maxSize)
+            let descriptorBytes = RequestHandler.maxDescriptors
+                * BlockStatusDescriptor.size(extended: session.extendedHeaders)
+            bytes = session.metaContexts.count * (descriptorBytes + ReplyHeader.maxSize)
         default:
             bytes = Int(min(request.payloadLength(extended: session.extendedHeaders), UInt64(Limits.maxPayload)))
         }

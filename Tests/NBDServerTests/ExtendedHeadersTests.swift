@@ -174,6 +174,21 @@ import Testing
         #expect(be(16..<24) == 3, "hole and zero")
     }
 
+    @Test func oneRequestDescribesAWhole8GiBImageFragmentedEvery64KiB() throws {
+        // 131,072 alternating extents: qemu-nbd's descriptor cap, 2 MiB of 16-byte descriptors.
+        let harness = ServerHarness(StripedDevice(size: 8 * Self.gib, stripe: 64 << 10))
+        defer { harness.stop() }
+        let client = try harness.client(extended: true, metaContexts: ["base:allocation"])
+        try client.sendRequest(Request(command: .blockStatus, cookie: 1, offset: 0, length: 8 * Self.gib),
+                               extended: true)
+        let chunk = try expectChunk(client, cookie: 1, offset: 0, type: .blockStatusExt)
+        let be = { (at: Int, width: Int) in chunk.payload[at..<at + width].reduce(UInt64(0)) { $0 << 8 | UInt64($1) } }
+        let count = Int(be(4, 4))
+        #expect(count == RequestHandler.maxDescriptors && chunk.payload.count == 8 + count * 16)
+        let covered = stride(from: 8, to: chunk.payload.count, by: 16).reduce(UInt64(0)) { $0 + be($1, 8) }
+        #expect(covered == 8 * Self.gib)
+    }
+
     @Test func blockStatusPayloadChoosesContexts() throws {
         let harness = ServerHarness(MemoryDevice(size: 1 << 20), exposeAllocationDepth: true)
         defer { harness.stop() }

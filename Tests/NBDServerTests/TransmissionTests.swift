@@ -124,10 +124,10 @@ import Testing
         try client.sendRequest(Request(command: .blockStatus, cookie: 5, offset: 0, length: UInt64(UInt32.max)))
         let chunk = try #require(try client.receiveChunk())
         #expect(chunk.type == .blockStatus && chunk.cookie == 5)
-        #expect(chunk.payload.count == 4 + RequestHandler.maxDescriptorBytes)
+        #expect(chunk.payload.count == 4 + RequestHandler.maxDescriptors * 8)
         // Extents were computed about as far as the reply goes, not over the whole 4 GiB.
         let asked = device.extentBytesAsked.load(ordering: .relaxed)
-        #expect(asked <= UInt64(RequestHandler.maxDescriptorBytes / 8) * 4096 + RequestHandler.extentWindow)
+        #expect(asked <= UInt64(RequestHandler.maxDescriptors) * 4096 + RequestHandler.extentWindow)
     }
 
     @Test func stopEndsWithinTheGraceWhileAClientStalls() throws {
