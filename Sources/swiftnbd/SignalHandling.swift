@@ -1,5 +1,5 @@
 import Dispatch
-import Foundation
+import Glibc
 
 /// SIGTERM and SIGINT stop the server cleanly, SIGHUP reopens the log
 /// file, and SIGPIPE is ignored so a vanished client is an error return,

@@ -1,6 +1,6 @@
 import ArgumentParser
 import Dispatch
-import Foundation
+import Glibc
 import Logging
 import BlockDevice
 import NBDMetrics
@@ -189,7 +189,7 @@ struct SwiftNBD: ParsableCommand {
         do {
             output = try LogOutput(path: logFile)
         } catch {
-            FileHandle.standardError.write(Data("swiftnbd: \(error)\n".utf8))
+            printToStandardError("swiftnbd: \(error)")
             throw ExitCode(1)
         }
         LoggingSystem.bootstrap { label in LineLogHandler(label: label, output: output, logLevel: level) }
@@ -197,7 +197,7 @@ struct SwiftNBD: ParsableCommand {
         do {
             try serve(logger: logger, logOutput: output)
         } catch let error as StartupError {
-            FileHandle.standardError.write(Data("swiftnbd: \(error.description)\n".utf8))
+            printToStandardError("swiftnbd: \(error.description)")
             throw ExitCode(1)
         }
     }
@@ -273,10 +273,10 @@ struct SwiftNBD: ParsableCommand {
         })
         server.start(listeners: listeners)
         if let pidFile {
-            do {
-                try "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
+            do throws(Errno) {
+                try FileHandle.replace(pidFile, contents: Array("\(getpid())\n".utf8), permissions: 0o644)
             } catch {
-                throw StartupError("cannot write pid file '\(pidFile)': \(error.localizedDescription)")
+                throw StartupError("cannot write pid file '\(pidFile)': \(error)")
             }
         }
         // Said only once signals are handled and clients are accepted, so it doubles as a readiness mark.
@@ -288,6 +288,11 @@ struct SwiftNBD: ParsableCommand {
         if let path = socket { unlink(path) }
         if let pidFile { unlink(pidFile) }
     }
+}
+
+private func printToStandardError(_ line: String) {
+    var line = line + "\n"
+    line.withUTF8 { _ = write(STDERR_FILENO, $0.baseAddress, $0.count) }
 }
 
 extension ImageFormat: ExpressibleByArgument {}
