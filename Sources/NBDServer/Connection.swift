@@ -113,6 +113,7 @@ final class Connection: @unchecked Sendable {
         let transport = reader.transport
         handler = RequestHandler(device: export.device, session: session, buffers: buffers, counters: counters,
                                  logger: logger)
+        handler.sendsFileRanges = transport.sendsWithoutBlocking
         writer = ReplyWriter(transport: transport, name: "nbd-send-\(id)", finished: { [unowned self] reply in
             if case .pooled(let data) = reply.body { buffers.give(data) }
             release(reply.cost)

@@ -23,6 +23,11 @@ struct RequestHandler: @unchecked Sendable {
     let buffers: BufferPool
     let counters: TransferCounters
     let logger: Logger
+    /// Whether reads may answer with file ranges sent by sendfile(2): on plain sockets, not TLS.
+    var sendsFileRanges = false
+    /// Reads this long and up go out by sendfile(2) when the device offers the range; below it
+    /// the copy costs less than the hand-over to the writer thread that sendfile needs.
+    static let fileRangeThreshold: UInt64 = 64 << 10
 
     /// How replies to `request` are framed; nil for simple replies.
     func framing(for request: Request) -> ChunkFraming? {
@@ -78,6 +83,16 @@ struct RequestHandler: @unchecked Sendable {
     }
 
     private func read(_ request: Request) throws(DeviceError) -> Reply {
+        if sendsFileRanges, request.length >= Self.fileRangeThreshold,
+           let range = device.fileRange(at: request.offset, length: request.length) {
+            let framing = framing(for: request)
+            // Data whose first 64 bytes are zeros may be all zeros: the copy path checks and sends a hole.
+            if framing == nil ? true : !(try startsWithZeros(request.offset)) {
+                counters.read.add(request.length, ordering: .relaxed)
+                return .fileData(cookie: request.cookie, offset: request.offset, range, count: Int(request.length),
+                                 framing: framing)
+            }
+        }
         guard let data = buffers.take(Int(request.length)) else {
             throw DeviceError(.noMemory, "no memory for a \(request.length)-byte read")
         }
@@ -96,6 +111,17 @@ struct RequestHandler: @unchecked Sendable {
                          framing: framing)
         }
         return .data(cookie: request.cookie, offset: request.offset, data, framing: framing)
+    }
+
+    private func startsWithZeros(_ offset: UInt64) throws(DeviceError) -> Bool {
+        var probe: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
+        let result = withUnsafeMutableBytes(of: &probe) { bytes in
+            Result { () throws(DeviceError) -> Bool in
+                try device.read(into: bytes, at: offset)
+                return isAllZero(UnsafeRawBufferPointer(bytes))
+            }
+        }
+        return try result.get()
     }
 
     private func blockStatus(_ request: Request, contexts: ContextSelection) throws(DeviceError) -> Reply {
