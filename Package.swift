@@ -54,7 +54,7 @@ let package = Package(
                                .product(name: "Logging", package: "swift-log")],
                 swiftSettings: swiftSettings),
         .executableTarget(name: "swiftnbd",
-                          dependencies: ["SwiftNBDKit", "BlockDevice", "NBDMetrics",
+                          dependencies: ["SwiftNBDKit", "BlockDevice", "NBDMetrics", "CSystemShims",
                                          .product(name: "ArgumentParser", package: "swift-argument-parser"),
                                          .product(name: "Logging", package: "swift-log")],
                           swiftSettings: swiftSettings),

@@ -1,3 +1,4 @@
+import CSystemShims
 import Glibc
 
 /// `--fork` without fork(2), which is unsafe once Dispatch has threads:
@@ -32,6 +33,9 @@ struct Daemon {
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_adddup2(&actions, writeEnd, STDOUT_FILENO)
+        // Nothing else the caller handed down may stay open in the daemon (a pipe would keep
+        // `$(swiftnbd --fork ...)` waiting).
+        cshim_spawn_close_from(&actions, STDERR_FILENO + 1)
         let arguments = CommandLine.arguments.map { strdup($0) } + [nil]
         defer { for argument in arguments { free(argument) } }
         var child: pid_t = 0
