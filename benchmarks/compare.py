@@ -101,6 +101,18 @@ class Server:
         return {"cpu_s_per_gib": cpu / (moved_bytes / GIB) if moved_bytes else None,
                 "idle_mib": self.idle_kib / 1024, "peak_mib": peak / 1024, "after_mib": after}
 
+    @property
+    def uri(self):
+        return f"nbd://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
 
 def alternating(servers, rounds, measure, settle=False):
     """Runs `measure(server)` -> (value, bytes moved) on every server in turn, `rounds` times,
@@ -124,18 +136,6 @@ def alternating(servers, rounds, measure, settle=False):
     finally:
         for server in started:
             server.stop()
-
-    @property
-    def uri(self):
-        return f"nbd://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def servers_for(image, fmt, writable=False, connections=4):
