@@ -33,6 +33,10 @@ public protocol BlockDevice: AnyObject, Sendable {
     /// a reply can send them with sendfile(2) instead of copying them through
     /// a buffer; nil when the device transforms, maps or may zero-fill them.
     func fileRange(at offset: UInt64, length: UInt64) -> FileRange?
+    /// Reads like `read` if that needs no wait for storage (the bytes are cached); false, with
+    /// `buffer` unspecified, when it would wait or fail. Lets the connection's reader thread
+    /// answer cached reads itself instead of handing them to a device thread.
+    func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool
 }
 
 /// A run of bytes in an open file: `descriptor` stays open until the device is closed.
@@ -48,6 +52,7 @@ public struct FileRange: Sendable, Equatable {
 extension BlockDevice {
     public func cache(at offset: UInt64, length: UInt64) throws(DeviceError) {}
     public func fileRange(at offset: UInt64, length: UInt64) -> FileRange? { nil }
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool { false }
     public func allocationDepth(at offset: UInt64, length: UInt64) throws(DeviceError) -> [DepthExtent] {
         let extents = try extents(at: offset, length: length)
         return extents.map { DepthExtent(length: $0.length, depth: $0.flags.contains(.hole) ? 0 : 1) }

@@ -119,6 +119,11 @@ public final class RawFileDevice: BlockDevice {
         descriptor.map { FileRange(descriptor: $0, offset: offset) }
     }
 
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
+        guard let descriptor else { return false }
+        return FileHandle(rawValue: descriptor).readIfCached(into: buffer, at: offset)
+    }
+
     public func close() {
         try? flush()
         file.close()

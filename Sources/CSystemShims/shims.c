@@ -6,6 +6,7 @@
 #include <sched.h>
 #include <linux/falloc.h>
 #include <spawn.h>
+#include <sys/uio.h>
 #include "CSystemShims.h"
 
 off_t cshim_seek_data(int fd, off_t offset) { return lseek(fd, offset, SEEK_DATA); }
@@ -35,4 +36,8 @@ int cshim_stat_mode(const char *path) {
 }
 int cshim_spawn_close_from(posix_spawn_file_actions_t *actions, int from) {
     return posix_spawn_file_actions_addclosefrom_np(actions, from);
+}
+ssize_t cshim_pread_nowait(int fd, void *buffer, size_t count, off_t offset) {
+    struct iovec vector = { buffer, count };
+    return preadv2(fd, &vector, 1, offset, RWF_NOWAIT);
 }

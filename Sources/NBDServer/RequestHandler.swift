@@ -103,6 +103,25 @@ struct RequestHandler: @unchecked Sendable {
             throw error
         }
         counters.read.add(request.length, ordering: .relaxed)
+        return dataReply(request, data)
+    }
+
+    /// A read answered on the calling thread if the device has the bytes at hand (a cached raw
+    /// file); nil when it would wait for storage or would go out by sendfile, so a device thread runs it.
+    func readIfCached(_ request: Request) -> Reply? {
+        guard request.command == .read,
+              !(sendsFileRanges && request.length >= Self.fileRangeThreshold),
+              let data = buffers.take(Int(request.length)) else { return nil }
+        guard device.readIfCached(into: data, at: request.offset) else {
+            buffers.give(data)
+            return nil
+        }
+        counters.read.add(request.length, ordering: .relaxed)
+        return dataReply(request, data)
+    }
+
+    /// Read data as a hole chunk when it is all zeros and chunks are on, else as data.
+    private func dataReply(_ request: Request, _ data: UnsafeMutableRawBufferPointer) -> Reply {
         let framing = framing(for: request)
         if let framing, isAllZero(UnsafeRawBufferPointer(data)) {
             // A hole chunk tells the client it reads as zeros, without sending them.

@@ -17,3 +17,5 @@ int cshim_available_processors(void);
 int cshim_stat_mode(const char *path);
 /// posix_spawn_file_actions_addclosefrom_np: the child keeps no descriptor from `from` up.
 int cshim_spawn_close_from(posix_spawn_file_actions_t *actions, int from);
+/// preadv2 with RWF_NOWAIT: reads only what the page cache holds, else -1 with EAGAIN.
+ssize_t cshim_pread_nowait(int fd, void *buffer, size_t count, off_t offset);
