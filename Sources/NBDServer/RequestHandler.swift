@@ -107,17 +107,36 @@ struct RequestHandler: @unchecked Sendable {
     }
 
     /// A read answered on the calling thread if the device has the bytes at hand (a cached raw
-    /// file); nil when it would wait for storage or would go out by sendfile, so a device thread runs it.
+    /// file), or a file range for sendfile whose start is cached and not zero; nil when it would
+    /// wait for storage, so a device thread runs it.
     func readIfCached(_ request: Request) -> Reply? {
-        guard request.command == .read,
-              !(sendsFileRanges && request.length >= Self.fileRangeThreshold),
-              let data = buffers.take(Int(request.length)) else { return nil }
+        guard request.command == .read else { return nil }
+        if sendsFileRanges && request.length >= Self.fileRangeThreshold {
+            return fileRangeIfCached(request)
+        }
+        guard let data = buffers.take(Int(request.length)) else { return nil }
         guard device.readIfCached(into: data, at: request.offset) else {
             buffers.give(data)
             return nil
         }
         counters.read.add(request.length, ordering: .relaxed)
         return dataReply(request, data)
+    }
+
+    private func fileRangeIfCached(_ request: Request) -> Reply? {
+        guard let range = device.fileRange(at: request.offset, length: request.length) else { return nil }
+        let framing = framing(for: request)
+        if framing != nil {
+            // As in `read`: data starting with zeros may be a hole, for the copy path to find.
+            var probe: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
+            let worthSending = withUnsafeMutableBytes(of: &probe) { bytes in
+                device.readIfCached(into: bytes, at: request.offset) && !isAllZero(UnsafeRawBufferPointer(bytes))
+            }
+            guard worthSending else { return nil }
+        }
+        counters.read.add(request.length, ordering: .relaxed)
+        return .fileData(cookie: request.cookie, offset: request.offset, range, count: Int(request.length),
+                         framing: framing)
     }
 
     /// Read data as a hole chunk when it is all zeros and chunks are on, else as data.

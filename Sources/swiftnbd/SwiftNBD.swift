@@ -1,5 +1,4 @@
 import ArgumentParser
-import Dispatch
 import Glibc
 import Logging
 import BlockDevice
@@ -184,6 +183,7 @@ struct SwiftNBD: ParsableCommand {
     }
 
     func run() throws {
+        SignalHandling.blockEarly()
         let level = logLevel ?? (verbose ? .info : .warning)
         let output: LogOutput
         do {
@@ -206,6 +206,7 @@ struct SwiftNBD: ParsableCommand {
         let daemon = Daemon.current
         if fork && daemon == nil {
             // The parent only waits for the child to say it is listening.
+            SignalHandling.unblock()
             throw ExitCode(try Daemon.spawnAndWait())
         }
         // Checked in validate(); credentials are read before the image is opened or a port bound.
@@ -265,7 +266,7 @@ struct SwiftNBD: ParsableCommand {
         configuration.tls = tlsConfiguration
         configuration.allowedAddresses = access.allowedAddresses
         let server = Server(exports: exports, configuration: configuration, logger: logger, observer: metrics)
-        let signals = SignalHandling.install(stop: { signal in
+        SignalHandling.install(stop: { signal in
             logger.info("Stopping on signal \(signal)")
             server.stop()
         }, reopenLog: {
@@ -284,7 +285,6 @@ struct SwiftNBD: ParsableCommand {
         daemon?.reportReady(keepStderr: verbose || logLevel != nil)
         server.wait()
         metricsWriter?.stop()
-        withExtendedLifetime(signals) {}
         if let path = socket { unlink(path) }
         if let pidFile { unlink(pidFile) }
     }
