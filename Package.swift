@@ -54,10 +54,14 @@ let package = Package(
                                .product(name: "Logging", package: "swift-log")],
                 swiftSettings: swiftSettings),
         .executableTarget(name: "swiftnbd",
-                          dependencies: ["SwiftNBDKit", "BlockDevice", "NBDMetrics",
+                          dependencies: ["SwiftNBDKit", "BlockDevice", "NBDMetrics", "CSystemShims",
                                          .product(name: "ArgumentParser", package: "swift-argument-parser"),
                                          .product(name: "Logging", package: "swift-log")],
                           swiftSettings: swiftSettings),
+
+        // Micro-benchmarks of the hot paths (benchmarks/HotPaths/main.swift); a plain release executable.
+        .executableTarget(name: "HotPathBenchmarks", dependencies: ["NBDProtocol", "QCOW2", "BlockDevice", "SystemIO"],
+                          path: "benchmarks/HotPaths", swiftSettings: swiftSettings),
 
         // Test helpers: start servers, make images with qemu-img, drive libnbd.
         .target(name: "TestSupport", dependencies: ["CLibNBD", "SystemIO", "NBDProtocol", "BlockDevice"], path: "Tests/TestSupport",

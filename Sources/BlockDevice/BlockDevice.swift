@@ -33,10 +33,30 @@ public protocol BlockDevice: AnyObject, Sendable {
     func dirtyBitmapExtents(named name: String, at offset: UInt64, length: UInt64) throws(DeviceError) -> [BitmapExtent]
     /// Flushes and releases resources; called once when the export stops.
     func close()
+    /// Where the `length` bytes at `offset` lie unchanged in an open file, so
+    /// a reply can send them with sendfile(2) instead of copying them through
+    /// a buffer; nil when the device transforms, maps or may zero-fill them.
+    func fileRange(at offset: UInt64, length: UInt64) -> FileRange?
+    /// Reads like `read` if that needs no wait for storage (the bytes are cached); false, with
+    /// `buffer` unspecified, when it would wait or fail. Lets the connection's reader thread
+    /// answer cached reads itself instead of handing them to a device thread.
+    func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool
+}
+
+/// A run of bytes in an open file: `descriptor` stays open until the device is closed.
+public struct FileRange: Sendable, Equatable {
+    public var descriptor: Int32
+    public var offset: UInt64
+    public init(descriptor: Int32, offset: UInt64) {
+        self.descriptor = descriptor
+        self.offset = offset
+    }
 }
 
 extension BlockDevice {
     public func cache(at offset: UInt64, length: UInt64) throws(DeviceError) {}
+    public func fileRange(at offset: UInt64, length: UInt64) -> FileRange? { nil }
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool { false }
     public func allocationDepth(at offset: UInt64, length: UInt64) throws(DeviceError) -> [DepthExtent] {
         let extents = try extents(at: offset, length: length)
         return extents.map { DepthExtent(length: $0.length, depth: $0.flags.contains(.hole) ? 0 : 1) }

@@ -6,6 +6,8 @@ public final class RawFileDevice: BlockDevice {
     public let size: UInt64
     public let capabilities: DeviceCapabilities
     private let readOnly: Bool
+    /// The file's descriptor when it is a real file (tests may wrap it in something else).
+    private let descriptor: Int32?
 
     /// Opens `path` with `opener` (tests pass one that wraps the file);
     /// throws with the reason on failure.
@@ -22,6 +24,7 @@ public final class RawFileDevice: BlockDevice {
             throw DeviceError(errno: error, "cannot stat '\(path)'")
         }
         self.readOnly = readOnly
+        descriptor = (file as? FileHandle)?.rawValue
         capabilities = DeviceCapabilities(canWrite: !readOnly, canTrim: !readOnly, canZero: !readOnly,
                                           canFastZero: !readOnly)
     }
@@ -110,6 +113,15 @@ public final class RawFileDevice: BlockDevice {
             throw DeviceError(errno: error, "lseek at \(position)")
         }
         return result
+    }
+
+    public func fileRange(at offset: UInt64, length: UInt64) -> FileRange? {
+        descriptor.map { FileRange(descriptor: $0, offset: offset) }
+    }
+
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
+        guard let descriptor else { return false }
+        return FileHandle(rawValue: descriptor).readIfCached(into: buffer, at: offset)
     }
 
     public func close() {

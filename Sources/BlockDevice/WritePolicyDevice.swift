@@ -39,6 +39,14 @@ public final class WritePolicyDevice: BlockDevice {
         try base.read(into: buffer, at: offset)
     }
 
+    public func fileRange(at offset: UInt64, length: UInt64) -> FileRange? {
+        base.fileRange(at: offset, length: length)
+    }
+
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
+        base.readIfCached(into: buffer, at: offset)
+    }
+
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws(DeviceError) {
         if detectZeroes != .off, base.capabilities.canZero, isAllZero(data) {
             try base.writeZeroes(at: offset, length: UInt64(data.count),

@@ -5,6 +5,8 @@
 #include <pthread.h>
 #include <sched.h>
 #include <linux/falloc.h>
+#include <spawn.h>
+#include <sys/uio.h>
 #include "CSystemShims.h"
 
 off_t cshim_seek_data(int fd, off_t offset) { return lseek(fd, offset, SEEK_DATA); }
@@ -31,4 +33,11 @@ int cshim_stat_mode(const char *path) {
     struct stat st;
     if (stat(path, &st) != 0) return -1;
     return (int)st.st_mode;
+}
+int cshim_spawn_close_from(posix_spawn_file_actions_t *actions, int from) {
+    return posix_spawn_file_actions_addclosefrom_np(actions, from);
+}
+ssize_t cshim_pread_nowait(int fd, void *buffer, size_t count, off_t offset) {
+    struct iovec vector = { buffer, count };
+    return preadv2(fd, &vector, 1, offset, RWF_NOWAIT);
 }

@@ -58,10 +58,12 @@ final class DevicePool: @unchecked Sendable {
     }
 
     func submit(_ job: DeviceJob, to queue: DeviceQueue) {
-        lock.withLock {
+        let scheduled = lock.withLock {
             queue.jobs.append(job)
-            if scheduleIfReady(queue) { wake.signal() }
+            return scheduleIfReady(queue)
         }
+        // Signalled after unlocking, so the woken thread does not at once block on the lock we hold.
+        if scheduled { wake.signal() }
     }
 
     /// Ends the threads once every queue is empty and waits for them.
@@ -91,8 +93,9 @@ final class DevicePool: @unchecked Sendable {
             queue.scheduled = false
             queue.running += 1
             // More of this queue may run at once: another thread may start on it.
-            if scheduleIfReady(queue) { wake.signal() }
+            let more = scheduleIfReady(queue)
             lock.unlock()
+            if more { wake.signal() }
             job.connection.perform(job)
             lock.lock()
             queue.running -= 1

@@ -1,3 +1,4 @@
+import BlockDevice
 import NBDProtocol
 import SystemIO
 
@@ -14,6 +15,8 @@ struct Reply: @unchecked Sendable {
         case pooled(UnsafeMutableRawBufferPointer)
         /// Encoded chunks (block status, error messages).
         case bytes([UInt8])
+        /// Read data still in the image file, sent from there with sendfile(2).
+        case file(FileRange, count: Int)
     }
 
     private var header: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0)
@@ -35,7 +38,14 @@ struct Reply: @unchecked Sendable {
         case .none: headerLength
         case .pooled(let data): headerLength + data.count
         case .bytes(let bytes): headerLength + bytes.count
+        case .file(_, let count): headerLength + count
         }
+    }
+
+    /// sendfile(2) can't be asked not to block, so only the writer thread sends such a reply.
+    var needsBlockingSend: Bool {
+        if case .file = body { return true }
+        return false
     }
 
     /// Sends what is left after `sent` bytes; returns the new count (see `Transport.send`).
@@ -57,6 +67,9 @@ struct Reply: @unchecked Sendable {
                     }
                 }
                 return try result.get()
+            case .file(let range, let count):
+                precondition(blocking, "file ranges are sent by the writer thread")
+                return try transport.send(head, file: range, count: count, alreadySent: sent)
             }
         }
     }
@@ -84,6 +97,16 @@ struct Reply: @unchecked Sendable {
             guard let framing else { return ReplyHeader.writeSimple(header, error: .ok, cookie: cookie) }
             return ReplyHeader.writeOffsetData(header, framing: framing, flags: .done, cookie: cookie, offset: offset,
                                                dataLength: UInt32(data.count))
+        }
+    }
+
+    /// Read data sent straight from the image file, as a simple reply or one OFFSET_DATA chunk.
+    static func fileData(cookie: UInt64, offset: UInt64, _ range: FileRange, count: Int,
+                         framing: ChunkFraming?) -> Reply {
+        Reply(body: .file(range, count: count)) { header in
+            guard let framing else { return ReplyHeader.writeSimple(header, error: .ok, cookie: cookie) }
+            return ReplyHeader.writeOffsetData(header, framing: framing, flags: .done, cookie: cookie, offset: offset,
+                                               dataLength: UInt32(count))
         }
     }
 

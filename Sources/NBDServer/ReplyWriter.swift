@@ -80,6 +80,11 @@ final class ReplyWriter: @unchecked Sendable {
     private func send(blocking: Bool) {
         // The reply being sent is out of the queue, so `fail` never drops it under the sender.
         while !broken, var head = queue.popFirst() {
+            if !blocking && head.needsBlockingSend {
+                queue.prepend(head)
+                handToWriter()
+                return
+            }
             let alreadySent = headSent
             headSent = 0
             lock.unlock()

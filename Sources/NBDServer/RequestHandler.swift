@@ -25,6 +25,11 @@ struct RequestHandler: @unchecked Sendable {
     let buffers: BufferPool
     let counters: TransferCounters
     let logger: Logger
+    /// Whether reads may answer with file ranges sent by sendfile(2): on plain sockets, not TLS.
+    var sendsFileRanges = false
+    /// Reads this long and up go out by sendfile(2) when the device offers the range; below it
+    /// the copy costs less than the hand-over to the writer thread that sendfile needs.
+    static let fileRangeThreshold: UInt64 = 64 << 10
 
     /// How replies to `request` are framed; nil for simple replies.
     func framing(for request: Request) -> ChunkFraming? {
@@ -80,6 +85,16 @@ struct RequestHandler: @unchecked Sendable {
     }
 
     private func read(_ request: Request) throws(DeviceError) -> Reply {
+        if sendsFileRanges, request.length >= Self.fileRangeThreshold,
+           let range = device.fileRange(at: request.offset, length: request.length) {
+            let framing = framing(for: request)
+            // Data whose first 64 bytes are zeros may be all zeros: the copy path checks and sends a hole.
+            if framing == nil ? true : !(try startsWithZeros(request.offset)) {
+                counters.read.add(request.length, ordering: .relaxed)
+                return .fileData(cookie: request.cookie, offset: request.offset, range, count: Int(request.length),
+                                 framing: framing)
+            }
+        }
         guard let data = buffers.take(Int(request.length)) else {
             throw DeviceError(.noMemory, "no memory for a \(request.length)-byte read")
         }
@@ -90,6 +105,44 @@ struct RequestHandler: @unchecked Sendable {
             throw error
         }
         counters.read.add(request.length, ordering: .relaxed)
+        return dataReply(request, data)
+    }
+
+    /// A read answered on the calling thread if the device has the bytes at hand (a cached raw
+    /// file), or a file range for sendfile whose start is cached and not zero; nil when it would
+    /// wait for storage, so a device thread runs it.
+    func readIfCached(_ request: Request) -> Reply? {
+        guard request.command == .read else { return nil }
+        if sendsFileRanges && request.length >= Self.fileRangeThreshold {
+            return fileRangeIfCached(request)
+        }
+        guard let data = buffers.take(Int(request.length)) else { return nil }
+        guard device.readIfCached(into: data, at: request.offset) else {
+            buffers.give(data)
+            return nil
+        }
+        counters.read.add(request.length, ordering: .relaxed)
+        return dataReply(request, data)
+    }
+
+    private func fileRangeIfCached(_ request: Request) -> Reply? {
+        guard let range = device.fileRange(at: request.offset, length: request.length) else { return nil }
+        let framing = framing(for: request)
+        if framing != nil {
+            // As in `read`: data starting with zeros may be a hole, for the copy path to find.
+            var probe: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
+            let worthSending = withUnsafeMutableBytes(of: &probe) { bytes in
+                device.readIfCached(into: bytes, at: request.offset) && !isAllZero(UnsafeRawBufferPointer(bytes))
+            }
+            guard worthSending else { return nil }
+        }
+        counters.read.add(request.length, ordering: .relaxed)
+        return .fileData(cookie: request.cookie, offset: request.offset, range, count: Int(request.length),
+                         framing: framing)
+    }
+
+    /// Read data as a hole chunk when it is all zeros and chunks are on, else as data.
+    private func dataReply(_ request: Request, _ data: UnsafeMutableRawBufferPointer) -> Reply {
         let framing = framing(for: request)
         if let framing, isAllZero(UnsafeRawBufferPointer(data)) {
             // A hole chunk tells the client it reads as zeros, without sending them.
@@ -98,6 +151,17 @@ struct RequestHandler: @unchecked Sendable {
                          framing: framing)
         }
         return .data(cookie: request.cookie, offset: request.offset, data, framing: framing)
+    }
+
+    private func startsWithZeros(_ offset: UInt64) throws(DeviceError) -> Bool {
+        var probe: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
+        let result = withUnsafeMutableBytes(of: &probe) { bytes in
+            Result { () throws(DeviceError) -> Bool in
+                try device.read(into: bytes, at: offset)
+                return isAllZero(UnsafeRawBufferPointer(bytes))
+            }
+        }
+        return try result.get()
     }
 
     private func blockStatus(_ request: Request, contexts: ContextSelection) throws(DeviceError) -> Reply {

@@ -1,3 +1,4 @@
+import BlockDevice
 import SystemIO
 import TLS
 
@@ -60,6 +61,27 @@ enum Transport: @unchecked Sendable {
             precondition(blocking && sent == 0, "TLS sends are whole and blocking")
             do { try session.send(first, second) } catch { throw .tls(error) }
             return first.count + second.count
+        }
+    }
+
+    /// Sends what is left of a reply header then `count` bytes of a file after `sent` bytes of
+    /// both, blocking; returns the new count (see `Socket.sendFile`). Plain sockets only: a TLS
+    /// record must be encrypted from a buffer, so replies over TLS never carry a file range.
+    func send(_ header: UnsafeRawBufferPointer, file range: FileRange, count: Int,
+              alreadySent sent: Int) throws(Failure) -> Int {
+        guard case .plain(let socket) = self else { preconditionFailure("file ranges are sent only on plain sockets") }
+        do {
+            var done = sent
+            if done < header.count {
+                done = try socket.send(header, UnsafeRawBufferPointer(start: nil, count: 0), alreadySent: done,
+                                       blocking: true, moreFollows: true)
+                if done < header.count { return done }
+            }
+            let intoFile = done - header.count
+            return done + (try socket.sendFile(range.descriptor, at: range.offset + UInt64(intoFile),
+                                               count: count - intoFile))
+        } catch {
+            throw .system(error)
         }
     }
 

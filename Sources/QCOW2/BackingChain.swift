@@ -1,8 +1,3 @@
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
-import Foundation
-#endif
 import BlockDevice
 import SystemIO
 
@@ -19,7 +14,7 @@ enum BackingChain {
 
     /// A stable identity for loop detection: the absolute path with symlinks resolved.
     static func canonical(_ path: String) -> String {
-        URL(fileURLWithPath: path).standardizedFileURL.resolvingSymlinksInPath().path
+        canonicalPath(path)
     }
 
     static func exists(_ path: String) -> Bool { (try? FileKind.of(path: path)) != nil }

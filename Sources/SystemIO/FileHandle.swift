@@ -43,6 +43,20 @@ public struct FileHandle: Sendable, Hashable {
         }
     }
 
+    /// Fills `buffer` from `offset` only if the page cache holds every byte (preadv2
+    /// RWF_NOWAIT), so the caller never waits for storage; false when it would have to.
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
+        var done = 0
+        while done < buffer.count {
+            let n = cshim_pread_nowait(rawValue, buffer.baseAddress! + done, buffer.count - done,
+                                       off_t(offset) + off_t(done))
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { return false }
+            done += n
+        }
+        return true
+    }
+
     /// Writes all of `data` at `offset`.
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws(Errno) {
         var done = 0

@@ -59,12 +59,13 @@ public struct Socket: Sendable, Hashable {
 
     /// Sends what is left of `first` then `second` after skipping `sent` bytes of them, without
     /// blocking unless `blocking`; returns the new count of bytes sent (all of both, or fewer when
-    /// the socket's buffer is full and the call may not block).
+    /// the socket's buffer is full and the call may not block). `moreFollows` holds the bytes back
+    /// for the next send (MSG_MORE), so a reply header and its sendfile'd body share packets.
     public func send(_ first: UnsafeRawBufferPointer, _ second: UnsafeRawBufferPointer, alreadySent sent: Int,
-                     blocking: Bool) throws(Errno) -> Int {
+                     blocking: Bool, moreFollows: Bool = false) throws(Errno) -> Int {
         let total = first.count + second.count
         var done = sent
-        let flags = Int32(MSG_NOSIGNAL) | (blocking ? 0 : Int32(MSG_DONTWAIT))
+        let flags = Int32(MSG_NOSIGNAL) | (blocking ? 0 : Int32(MSG_DONTWAIT)) | (moreFollows ? Int32(MSG_MORE) : 0)
         while done < total {
             var vecs = (iovec(), iovec())
             let n: Int = withUnsafeMutablePointer(to: &vecs) { pair in
@@ -95,6 +96,41 @@ public struct Socket: Sendable, Hashable {
             if error == EINTR { continue }
             if error == EAGAIN || error == EWOULDBLOCK { return done }
             throw Errno(error)
+        }
+        return done
+    }
+
+    /// Sends `count` bytes of the file `descriptor` from `offset` with sendfile(2), blocking (it
+    /// has no per-call non-blocking flag); returns the bytes sent, fewer only when a send timeout
+    /// ran out. Bytes past the end of the file (it shrank) go out as zeros, as reads see them.
+    public func sendFile(_ descriptor: Int32, at offset: UInt64, count: Int) throws(Errno) -> Int {
+        var done = 0
+        while done < count {
+            var position = off_t(offset) + off_t(done)
+            let n = Glibc.sendfile(rawValue, descriptor, &position, count - done)
+            if n > 0 {
+                done += n
+                continue
+            }
+            if n == 0 { return done + (try sendZeros(count - done)) }
+            let error = errno
+            if error == EINTR { continue }
+            if error == EAGAIN || error == EWOULDBLOCK { return done }
+            throw Errno(error)
+        }
+        return done
+    }
+
+    private func sendZeros(_ count: Int) throws(Errno) -> Int {
+        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: min(count, 64 << 10), alignment: 16)
+        defer { zeros.deallocate() }
+        zeros.initializeMemory(as: UInt8.self, repeating: 0)
+        var done = 0
+        while done < count {
+            let piece = UnsafeRawBufferPointer(rebasing: zeros[..<min(zeros.count, count - done)])
+            let sent = try send(piece, UnsafeRawBufferPointer(start: nil, count: 0), alreadySent: 0, blocking: true)
+            done += sent
+            if sent < piece.count { break }
         }
         return done
     }

@@ -1,10 +1,11 @@
-import Foundation
+import Glibc
 import Logging
+import SystemIO
 
 /// Where log lines go: stderr by default, or a file that SIGHUP reopens so
 /// logrotate can move it away.
 final class LogOutput: @unchecked Sendable {
-    private let lock = NSLock()
+    private let lock = Lock()
     private let path: String?
     private var fd: Int32
 
@@ -54,7 +55,20 @@ struct LineLogHandler: LogHandler {
         var all = metadata
         if let extra = event.metadata { all.merge(extra) { $1 } }
         let fields = all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
-        let time = Date().formatted(.iso8601)
+        let time = iso8601Now()
         output.write("\(time) \(event.level) \(label): \(event.message)\(fields.isEmpty ? "" : " " + fields)\n")
     }
+}
+
+/// The current UTC time as ISO 8601 to the second ("2026-12-01T17:53:40Z").
+func iso8601Now() -> String {
+    var seconds = time(nil)
+    var parts = tm()
+    gmtime_r(&seconds, &parts)
+    func padded(_ value: Int32, _ width: Int) -> String {
+        let digits = String(value)
+        return String(repeating: "0", count: max(0, width - digits.count)) + digits
+    }
+    return padded(parts.tm_year + 1900, 4) + "-" + padded(parts.tm_mon + 1, 2) + "-" + padded(parts.tm_mday, 2)
+        + "T" + padded(parts.tm_hour, 2) + ":" + padded(parts.tm_min, 2) + ":" + padded(parts.tm_sec, 2) + "Z"
 }

@@ -1,6 +1,5 @@
 import ArgumentParser
-import Dispatch
-import Foundation
+import Glibc
 import Logging
 import BlockDevice
 import NBDMetrics
@@ -192,12 +191,13 @@ struct SwiftNBD: ParsableCommand {
     }
 
     func run() throws {
+        SignalHandling.blockEarly()
         let level = logLevel ?? (verbose ? .info : .warning)
         let output: LogOutput
         do {
             output = try LogOutput(path: logFile)
         } catch {
-            FileHandle.standardError.write(Data("swiftnbd: \(error)\n".utf8))
+            printToStandardError("swiftnbd: \(error)")
             throw ExitCode(1)
         }
         LoggingSystem.bootstrap { label in LineLogHandler(label: label, output: output, logLevel: level) }
@@ -205,7 +205,7 @@ struct SwiftNBD: ParsableCommand {
         do {
             try serve(logger: logger, logOutput: output)
         } catch let error as StartupError {
-            FileHandle.standardError.write(Data("swiftnbd: \(error.description)\n".utf8))
+            printToStandardError("swiftnbd: \(error.description)")
             throw ExitCode(1)
         }
     }
@@ -214,6 +214,7 @@ struct SwiftNBD: ParsableCommand {
         let daemon = Daemon.current
         if fork && daemon == nil {
             // The parent only waits for the child to say it is listening.
+            SignalHandling.unblock()
             throw ExitCode(try Daemon.spawnAndWait())
         }
         // Checked in validate(); credentials are read before the image is opened or a port bound.
@@ -274,7 +275,7 @@ struct SwiftNBD: ParsableCommand {
         configuration.tls = tlsConfiguration
         configuration.allowedAddresses = access.allowedAddresses
         let server = Server(exports: exports, configuration: configuration, logger: logger, observer: metrics)
-        let signals = SignalHandling.install(stop: { signal in
+        SignalHandling.install(stop: { signal in
             logger.info("Stopping on signal \(signal)")
             server.stop()
         }, reopenLog: {
@@ -282,10 +283,10 @@ struct SwiftNBD: ParsableCommand {
         })
         server.start(listeners: listeners)
         if let pidFile {
-            do {
-                try "\(getpid())\n".write(toFile: pidFile, atomically: true, encoding: .utf8)
+            do throws(Errno) {
+                try FileHandle.replace(pidFile, contents: Array("\(getpid())\n".utf8), permissions: 0o644)
             } catch {
-                throw StartupError("cannot write pid file '\(pidFile)': \(error.localizedDescription)")
+                throw StartupError("cannot write pid file '\(pidFile)': \(error)")
             }
         }
         // Said only once signals are handled and clients are accepted, so it doubles as a readiness mark.
@@ -293,10 +294,14 @@ struct SwiftNBD: ParsableCommand {
         daemon?.reportReady(keepStderr: verbose || logLevel != nil)
         server.wait()
         metricsWriter?.stop()
-        withExtendedLifetime(signals) {}
         if let path = socket { unlink(path) }
         if let pidFile { unlink(pidFile) }
     }
+}
+
+private func printToStandardError(_ line: String) {
+    var line = line + "\n"
+    line.withUTF8 { _ = write(STDERR_FILENO, $0.baseAddress, $0.count) }
 }
 
 extension ImageFormat: ExpressibleByArgument {}

@@ -4,6 +4,7 @@
 #include <sys/types.h>
 #include <sys/socket.h>
 #include <pthread.h>
+#include <spawn.h>
 
 off_t cshim_seek_data(int fd, off_t offset);
 off_t cshim_seek_hole(int fd, off_t offset);
@@ -14,3 +15,7 @@ int cshim_stream_socket(int family);
 int cshim_set_thread_name(pthread_t thread, const char *name);
 int cshim_available_processors(void);
 int cshim_stat_mode(const char *path);
+/// posix_spawn_file_actions_addclosefrom_np: the child keeps no descriptor from `from` up.
+int cshim_spawn_close_from(posix_spawn_file_actions_t *actions, int from);
+/// preadv2 with RWF_NOWAIT: reads only what the page cache holds, else -1 with EAGAIN.
+ssize_t cshim_pread_nowait(int fd, void *buffer, size_t count, off_t offset);
