@@ -84,17 +84,10 @@ struct RequestHandler: @unchecked Sendable {
         return reply
     }
 
+    /// On a device thread: the data is not cached (`readIfCached` said so), so it is read here,
+    /// in parallel with other requests, rather than left for the connection's one writer thread
+    /// to fault in through sendfile.
     private func read(_ request: Request) throws(DeviceError) -> Reply {
-        if sendsFileRanges, request.length >= Self.fileRangeThreshold,
-           let range = device.fileRange(at: request.offset, length: request.length) {
-            let framing = framing(for: request)
-            // Data whose first 64 bytes are zeros may be all zeros: the copy path checks and sends a hole.
-            if framing == nil ? true : !(try startsWithZeros(request.offset)) {
-                counters.read.add(request.length, ordering: .relaxed)
-                return .fileData(cookie: request.cookie, offset: request.offset, range, count: Int(request.length),
-                                 framing: framing)
-            }
-        }
         guard let data = buffers.take(Int(request.length)) else {
             throw DeviceError(.noMemory, "no memory for a \(request.length)-byte read")
         }
@@ -153,16 +146,6 @@ struct RequestHandler: @unchecked Sendable {
         return .data(cookie: request.cookie, offset: request.offset, data, framing: framing)
     }
 
-    private func startsWithZeros(_ offset: UInt64) throws(DeviceError) -> Bool {
-        var probe: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
-        let result = withUnsafeMutableBytes(of: &probe) { bytes in
-            Result { () throws(DeviceError) -> Bool in
-                try device.read(into: bytes, at: offset)
-                return isAllZero(UnsafeRawBufferPointer(bytes))
-            }
-        }
-        return try result.get()
-    }
 
     private func blockStatus(_ request: Request, contexts: ContextSelection) throws(DeviceError) -> Reply {
         let framing = framing(for: request) ?? .structured
