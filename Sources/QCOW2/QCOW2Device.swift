@@ -7,7 +7,8 @@ import SystemIO
 /// backing chain, external data file and internal snapshots.
 ///
 /// Every method may be called from many threads at once. Reads share one
-/// L2 cache (`L2Cache`, lock-striped) and never hold a lock during data I/O.
+/// cache of L2 tables and refcount blocks with the whole backing chain
+/// (`MetadataCache`, lock-striped) and never hold a lock during data I/O.
 public final class QCOW2Device: BlockDevice {
     public let size: UInt64
     public let capabilities: DeviceCapabilities
@@ -33,7 +34,7 @@ public final class QCOW2Device: BlockDevice {
     /// Serialises every metadata change: L1/L2 updates, refcounts, allocation.
     ///
     /// Lock order, outermost first: a `clusterLocks` stripe, `metadataLock`,
-    /// then any of `l1Table`, `hostRanges`, an `L2Cache` stripe or the
+    /// then any of `l1Table`, `hostRanges`, a `MetadataCache` stripe or the
     /// `MetadataMap` (leaf locks, never held while taking another).
     let metadataLock = Mutex(())
     /// Refcounts and the allocator; only touched under `metadataLock`. Nil when read-only.
@@ -83,6 +84,11 @@ public final class QCOW2Device: BlockDevice {
         }
         var opened: [any PositionalFile] = [file]
         var backingDevice: (any BlockDevice)?
+        // One budget for the whole chain: backing images get the top image's cache.
+        var options = options
+        let cache = options.sharedCache ?? MetadataCache(budget: options.cacheBytes)
+        options.sharedCache = cache
+        let cacheOwner = cache.newImage()
         do throws(QCOW2Error) {
             let fileSize = try QCOW2Device.fileSize(file)
             let headerBytes = try QCOW2Device.readBytes(file, at: 0,
@@ -109,7 +115,8 @@ public final class QCOW2Device: BlockDevice {
             var metadataMap: MetadataMap?
             if writable {
                 metadataMap = MetadataMap(clusterBits: Int(header.clusterBits))
-                refcounts = try RefcountManager(file: file, header: header, fileSize: fileSize, metadata: metadataMap)
+                refcounts = try RefcountManager(file: file, header: header, fileSize: fileSize, metadata: metadataMap,
+                                                cache: cache, cacheOwner: cacheOwner | 1)
                 // A dirty image (lazy refcounts, not closed cleanly) has stale refcounts:
                 // rebuild them before the first write (spec, incompatible bit 0).
                 if header.incompatibleFeatures.contains(.dirty) {
@@ -183,7 +190,7 @@ public final class QCOW2Device: BlockDevice {
             self.writable = writable
             self.refcounts = refcounts
             self.backing = backingDevice
-            self.l2Cache = L2Cache(capacityBytes: options.l2CacheBytes, clusterBits: geometry.clusterBits)
+            self.l2Cache = L2Cache(shared: cache, owner: cacheOwner)
             self.imageFileSize = Atomic(fileSize)
             // One device object serves every connection and flush() syncs the file
             // all of them write to, so multi-conn is safe.

@@ -20,7 +20,9 @@ public struct ExportOptions: Sendable {
     public var exportName = ""
     public var description = ""
     public var allocationDepth = false
-    public var l2CacheBytes: Int?
+    /// `--cache-size`: memory for a qcow2 image's L2 tables and refcount
+    /// blocks, its backing chain included; nil for the default (32 MiB).
+    public var cacheBytes: Int?
     /// Most clients at once (`-e`, 0: no limit); multi-conn is advertised unless it is 1.
     public var maxConnections = 1
     /// `-s`: writes go to a temporary overlay; the image is never modified.
@@ -78,7 +80,7 @@ public enum SwiftNBDKit {
         case .qcow2:
             var qcowOptions = QCOW2Options(snapshot: options.loadSnapshot,
                                            allowedDirectories: options.backingDirectories, logger: options.logger)
-            if let bytes = options.l2CacheBytes { qcowOptions.l2CacheBytes = bytes }
+            if let bytes = options.cacheBytes { qcowOptions.cacheBytes = bytes }
             do {
                 let qcow2 = try QCOW2Device(path: options.path, readOnly: imageReadOnly, options: qcowOptions)
                 device = qcow2
@@ -131,8 +133,14 @@ extension ExportOptions {
                 }
                 options.readOnly = on
             case "description": options.description = value
+            case "cache-size":
+                guard let bytes = ByteSize.parse(value) else {
+                    throw StartupError("--export '\(spec)': cache-size must be a size such as 64M, not '\(value)'")
+                }
+                options.cacheBytes = bytes
             default:
-                throw StartupError("--export '\(spec)': unknown key '\(key)' (name, file, format, readonly, description)")
+                throw StartupError(
+                    "--export '\(spec)': unknown key '\(key)' (name, file, format, readonly, description, cache-size)")
             }
         }
         guard let name, let file, !file.isEmpty else {

@@ -279,6 +279,39 @@ import Testing
     }
 }
 
+extension DirtyRepairTests {
+    /// Snapshots share L2 tables (qemu copies only the L1 table): the repair
+    /// reads each distinct table once to count references, and the active
+    /// ones once more to fix COPIED flags, however many snapshots share them.
+    @Test func repairReadsSharedTablesOnce() throws {
+        let dir = try TemporaryDirectory("qcow2-dirty-snapshots")
+        let path = dir.file("lazy.qcow2")
+        try Q.img(["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4k", path, Q.diskSize])
+        try Q.io(path, Q.contentScript)
+        for i in 0..<30 { try Q.img(["snapshot", "-c", "s\(i)", path]) }
+        _ = try Tools.run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x61 0 300k", "-c", "sigraise 9", path])
+        #expect(try WriteTests.header(path).incompatibleFeatures.contains(.dirty))
+        let faults = FileFaults()
+        let reads = ReadCounter()
+        // Tables and refcount blocks are read whole: one 4 KiB cluster.
+        faults.beforeRead.withLock { $0 = { offset, length in if length == 4096 { reads.count(offset) } } }
+        let device = try QCOW2Device(path: path, readOnly: false, options: QCOW2Options(opener: faults.opener))
+        device.close()
+        let (offset, most) = reads.most
+        #expect(most <= 2, "the cluster at \(offset) was read \(most) times")
+        let check = try Tools.run("qemu-img", ["check", "-f", "qcow2", path])
+        #expect(check.status == 0, "qemu-img check: \(check.stdout) \(check.stderr)")
+    }
+
+    final class ReadCounter: Sendable {
+        private let counts = Mutex<[UInt64: Int]>([:])
+        func count(_ offset: UInt64) { counts.withLock { $0[offset, default: 0] += 1 } }
+        var most: (offset: UInt64, reads: Int) {
+            counts.withLock { $0.max { $0.value < $1.value }.map { ($0.key, $0.value) } ?? (0, 0) }
+        }
+    }
+}
+
 /// Persistent bitmaps are flagged in_use by a read-write open, and the image
 /// stays clean for qemu-img check.
 @Suite struct BitmapTests {
