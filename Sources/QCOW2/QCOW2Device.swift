@@ -261,8 +261,16 @@ public final class QCOW2Device: BlockDevice {
     }
 
     static func readTable(_ file: any PositionalFile, at offset: UInt64, entries: Int) throws(QCOW2Error) -> [UInt64] {
-        let bytes = try readBytes(file, at: offset, count: entries * 8)
-        return (0..<entries).map { ByteCursor.peek(UInt64.self, in: bytes, at: $0 * 8)! }
+        // Read straight into the entries and swapped in place: an L1 table of a large image with
+        // small clusters is tens of MiB, and a byte copy beside it would double the peak.
+        var table = [UInt64](repeating: 0, count: entries)
+        do {
+            try table.withUnsafeMutableBytes { raw in try file.read(into: raw, at: offset, zeroFillPastEOF: false) }
+        } catch {
+            throw .io(reason: "reading \(entries * 8) bytes at \(offset): \(error)")
+        }
+        for i in table.indices { table[i] = UInt64(bigEndian: table[i]) }
+        return table
     }
 
     static func readSnapshots(_ file: any PositionalFile, header: QCOW2Header, fileSize: UInt64)
