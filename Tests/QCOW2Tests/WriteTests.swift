@@ -107,7 +107,7 @@ import Testing
                 model.replaceSubrange(Int(offset)..<Int(offset + length), with: repeatElement(0, count: Int(length)))
             case .trim(let offset, let length):
                 try device.trim(at: offset, length: length, fua: false)
-                guard !device.header.dataFileIsRaw, device.backing == nil || device.header.version >= 3 else { continue }
+                guard device.backing == nil || device.header.version >= 3 else { continue }
                 let start = (offset + cluster - 1) & ~(cluster - 1)
                 let end = offset + length == device.size ? device.size : (offset + length) & ~(cluster - 1)
                 if start < end {
@@ -428,5 +428,29 @@ extension DirtyRepairTests {
         try device.trim(at: 0, length: device.size, fua: true)
         device.close()
         #expect(try Q.fileBytes(path) == before)
+    }
+}
+
+/// With a raw external data file, a trim punches the data file and sets the
+/// zero flag, as qemu does, so the file keeps matching the disk. The data
+/// file's first cluster (host offset 0) is then rewritten like any other.
+@Suite struct RawDataFileTrimTests {
+    // A lost cluster-0 write once left the cluster marked as being allocated, and the next trim spun on it.
+    @Test(.timeLimit(.minutes(1)))
+    func trimmedClustersReadAsZerosAndTakeWritesAgain() throws {
+        let dir = try TemporaryDirectory("qcow2-raw-trim")
+        let dataPath = dir.file("image.data")
+        let path = try WriteTests.plain("data_file=\(dataPath),data_file_raw=on,cluster_size=16k")(dir)
+        var model = try Q.qemuRaw(path, scratch: dir)
+        let device = try QCOW2Device(path: path, readOnly: false)
+        try WriteTests.apply([.trim(0, device.size), .write(100, [UInt8](repeating: 0x5A, count: 3000)),
+                              .trim(16384, 40000), .write(20000, [UInt8](repeating: 0xA5, count: 70000)),
+                              .trim(0, device.size), .write(0, [UInt8](repeating: 0x3C, count: 512))],
+                             to: device, model: &model)
+        #expect(model[0..<512].allSatisfy { $0 == 0x3C } && model[512...].allSatisfy { $0 == 0 })
+        device.close()
+        try WriteTests.expectConsistent(path, model: model, dir: dir)
+        let raw = [UInt8](try Data(contentsOf: URL(fileURLWithPath: dataPath)))
+        #expect(raw.count == model.count && raw == model, "the raw data file no longer matches the disk")
     }
 }
