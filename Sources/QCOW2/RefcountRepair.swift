@@ -49,7 +49,8 @@ struct RefcountRepair {
         // Each reference counts, but each distinct L1 and L2 table is read
         // once, with how many times it is referenced: thousands of snapshots
         // may share one table.
-        var l1Tables: [TableExtent: UInt64] = [TableExtent(offset: header.l1TableOffset, entries: Int(header.l1Size)): 1]
+        let active = TableExtent(offset: header.l1TableOffset, entries: Int(header.l1Size))
+        var l1Tables: [TableExtent: UInt64] = [active: 1]
         for snapshot in snapshots {
             l1Tables[TableExtent(offset: snapshot.l1TableOffset, entries: Int(snapshot.l1Size)), default: 0] += 1
         }

@@ -67,8 +67,8 @@ struct SwiftNBD: ParsableCommand {
     var backingDirectories: [String] = []
 
     @Option(name: .customLong("cache-size"),
-            help: ArgumentHelp("Memory for qcow2 L2 tables and refcount blocks per export, backing files included (K, M, G suffixes; default 32M).",
-                               valueName: "SIZE"),
+            help: ArgumentHelp("Memory for qcow2 L2 tables and refcount blocks per export, backing files included "
+                               + "(K, M, G suffixes; default 32M).", valueName: "SIZE"),
             transform: { text in
                 guard let bytes = ByteSize.parse(text) else { throw ValidationError("bad --cache-size '\(text)'") }
                 return bytes
@@ -146,7 +146,8 @@ struct SwiftNBD: ParsableCommand {
 
     @Option(name: .customLong("export"),
             help: ArgumentHelp("Serve another export (repeatable).",
-                               valueName: "name=NAME,file=PATH[,format=raw|qcow2][,readonly=on][,description=TEXT][,cache-size=SIZE]"))
+                               valueName: "name=NAME,file=PATH[,format=raw|qcow2][,readonly=on][,description=TEXT]"
+                                   + "[,cache-size=SIZE]"))
     var exportSpecs: [String] = []
 
     @Argument(help: "The image file (optional when --export is given).")
