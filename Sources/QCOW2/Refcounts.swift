@@ -266,16 +266,22 @@ final class RefcountManager: @unchecked Sendable {
                 throw .system(error, "extending the qcow2 image file to \(fileEnd)")
             }
         }
-        var raised: [UInt64] = []
+        // Counted, not listed: a refill can claim half a million clusters.
+        var raised: UInt64 = 0
         do {
             for run in runs {
                 for c in run.first..<run.first + run.count {
                     try setRefcount(of: c << UInt64(clusterBits), to: 1)
-                    raised.append(c)
+                    raised += 1
                 }
             }
         } catch {
-            for c in raised { try? setRefcount(of: c << UInt64(clusterBits), to: 0) }
+            for run in runs where raised > 0 {
+                for c in run.first..<run.first + min(run.count, raised) {
+                    try? setRefcount(of: c << UInt64(clusterBits), to: 0)
+                }
+                raised -= min(run.count, raised)
+            }
             throw error
         }
         return runs
