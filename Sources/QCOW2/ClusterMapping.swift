@@ -15,14 +15,20 @@ struct Geometry: Sendable {
     let compressedSizeMask: UInt64
 
     init(header: QCOW2Header) {
-        clusterBits = Int(header.clusterBits)
-        clusterSize = header.clusterSize
-        extendedL2 = header.hasExtendedL2
+        self.init(clusterBits: Int(header.clusterBits), extendedL2: header.hasExtendedL2,
+                  hasDataFile: header.incompatibleFeatures.contains(.externalDataFile), version: header.version)
+    }
+
+    /// The geometry of an image with these features, for tests that need no header.
+    init(clusterBits: Int, extendedL2: Bool, hasDataFile: Bool, version: UInt32 = 3) {
+        self.clusterBits = clusterBits
+        clusterSize = 1 << UInt64(clusterBits)
+        self.extendedL2 = extendedL2
         l2Entries = Int(clusterSize) / (extendedL2 ? 16 : 8)
         unitsPerCluster = extendedL2 ? 32 : 1
         unitBits = extendedL2 ? clusterBits - 5 : clusterBits
-        hasDataFile = header.incompatibleFeatures.contains(.externalDataFile)
-        version = header.version
+        self.hasDataFile = hasDataFile
+        self.version = version
         compressedSizeShift = UInt64(62 - (clusterBits - 8))
         compressedSizeMask = (1 << UInt64(clusterBits - 8)) - 1
     }

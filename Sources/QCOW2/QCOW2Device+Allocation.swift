@@ -80,6 +80,9 @@ extension QCOW2Device {
         var reused: Bool
         /// The new cluster reads as zeros already.
         var fresh: Bool
+        /// Everything was done under the lock (subclusters): nothing left to write. Not
+        /// `newHost == 0`: that is a data file's first cluster.
+        var finished = false
     }
 
     private func writeClusterLocked(_ data: UnsafeRawBufferPointer, at guest: UInt64) throws(DeviceError) -> Bool {
@@ -104,7 +107,7 @@ extension QCOW2Device {
             case .subclusters(let owned):
                 try writeSubclusters(data, at: guest, l2Offset: l2Offset, index: index, old: old, bitmap: bitmap,
                                      host: owned)
-                return Rewrite(old: old, newHost: 0, reused: true, fresh: false)  // done
+                return Rewrite(old: old, newHost: 0, reused: true, fresh: false, finished: true)
             case .rewrite(let owned):
                 pendingClusters.value.insert(clusterIndex)
                 if let owned { return Rewrite(old: old, newHost: owned, reused: true, fresh: false) }
@@ -113,7 +116,7 @@ extension QCOW2Device {
             }
         }
         guard let plan = decided else { return false }
-        if plan.newHost == 0 && plan.reused { return true }  // subclusters written under the lock
+        if plan.finished { return true }
 
         do {
             // The whole cluster: what it reads as now (backing, compressed, zeros), with `data` over it.

@@ -128,15 +128,17 @@ extension QCOW2Device {
 
     /// Frees whole clusters in the range; partial clusters are left alone,
     /// as trim is advisory. Where a backing file would show through, v3
-    /// images get the zero flag and v2 images keep their data.
+    /// images get the zero flag and v2 images keep their data. A raw data
+    /// file's clusters are punched and get the zero flag, as qemu does, so
+    /// the file keeps matching the disk.
     public func trim(at offset: UInt64, length: UInt64, fua: Bool) throws(DeviceError) {
         try requireWritable(offset: offset, length: length)
         markBitmapsDirty(at: offset, length: length)
-        guard !header.dataFileIsRaw else { return }  // the raw data file must keep matching the disk
         let cluster = geometry.clusterSize
         var position = (offset + cluster - 1) & ~(cluster - 1)
         let end = offset + length == size ? size : (offset + length) & ~(cluster - 1)
-        let mode: ZeroMode? = backing == nil ? .deallocate : canUseZeroFlag ? .zeroFlag(deallocate: true) : nil
+        let mode: ZeroMode? = header.dataFileIsRaw ? .zeroFlag(deallocate: true)
+            : backing == nil ? .deallocate : canUseZeroFlag ? .zeroFlag(deallocate: true) : nil
         if let mode {
             while position < end {
                 let tableEnd = (position / geometry.bytesPerL2 + 1) * geometry.bytesPerL2

@@ -53,6 +53,17 @@ extension QCOW2Device {
                 }
             }
             guard firstChanged >= 0 else { return handled }
+            if header.dataFileIsRaw, let dataFile {
+                // Only trims get here. The raw data file must keep matching the disk: its clusters
+                // read as zeros before the entries say so, and if they can't, nothing changes.
+                let from = start + (UInt64(firstChanged) << UInt64(g.clusterBits))
+                let length = UInt64(lastChanged - firstChanged + 1) << UInt64(g.clusterBits)
+                do throws(Errno) {
+                    try dataFile.punchHole(at: from, length: length)
+                } catch {
+                    return handled
+                }
+            }
             try setL2Entries(l2Offset: l2Offset, index: first + firstChanged, Array(span[firstChanged...lastChanged]))
             for (entry, guest) in released {
                 try release(entry)

@@ -7,7 +7,8 @@ import SystemIO
 /// backing chain, external data file and internal snapshots.
 ///
 /// Every method may be called from many threads at once. Reads share one
-/// L2 cache (`L2Cache`, lock-striped) and never hold a lock during data I/O.
+/// cache of L2 tables and refcount blocks with the whole backing chain
+/// (`MetadataCache`, lock-striped) and never hold a lock during data I/O.
 public final class QCOW2Device: BlockDevice {
     public let size: UInt64
     public let capabilities: DeviceCapabilities
@@ -33,7 +34,7 @@ public final class QCOW2Device: BlockDevice {
     /// Serialises every metadata change: L1/L2 updates, refcounts, allocation.
     ///
     /// Lock order, outermost first: a `clusterLocks` stripe, `metadataLock`,
-    /// then any of `l1Table`, `hostRanges`, an `L2Cache` stripe or the
+    /// then any of `l1Table`, `hostRanges`, a `MetadataCache` stripe or the
     /// `MetadataMap` (leaf locks, never held while taking another).
     let metadataLock = Mutex(())
     /// Refcounts and the allocator; only touched under `metadataLock`. Nil when read-only.
@@ -85,6 +86,11 @@ public final class QCOW2Device: BlockDevice {
         }
         var opened: [any PositionalFile] = [file]
         var backingDevice: (any BlockDevice)?
+        // One budget for the whole chain: backing images get the top image's cache.
+        var options = options
+        let cache = options.sharedCache ?? MetadataCache(budget: options.cacheBytes)
+        options.sharedCache = cache
+        let cacheOwner = cache.newImage()
         do throws(QCOW2Error) {
             let fileSize = try QCOW2Device.fileSize(file)
             let headerBytes = try QCOW2Device.readBytes(file, at: 0,
@@ -111,7 +117,8 @@ public final class QCOW2Device: BlockDevice {
             var metadataMap: MetadataMap?
             if writable {
                 metadataMap = MetadataMap(clusterBits: Int(header.clusterBits))
-                refcounts = try RefcountManager(file: file, header: header, fileSize: fileSize, metadata: metadataMap)
+                refcounts = try RefcountManager(file: file, header: header, fileSize: fileSize, metadata: metadataMap,
+                                                cache: cache, cacheOwner: cacheOwner | 1)
                 // A dirty image (lazy refcounts, not closed cleanly) has stale refcounts:
                 // rebuild them before the first write (spec, incompatible bit 0).
                 if header.incompatibleFeatures.contains(.dirty) {
@@ -193,7 +200,7 @@ public final class QCOW2Device: BlockDevice {
             self.refcounts = refcounts
             self.backing = backingDevice
             self.bitmaps = bitmaps
-            self.l2Cache = L2Cache(capacityBytes: options.l2CacheBytes, clusterBits: geometry.clusterBits)
+            self.l2Cache = L2Cache(shared: cache, owner: cacheOwner)
             self.imageFileSize = Atomic(fileSize)
             // One device object serves every connection and flush() syncs the file
             // all of them write to, so multi-conn is safe.
@@ -266,8 +273,16 @@ public final class QCOW2Device: BlockDevice {
     }
 
     static func readTable(_ file: any PositionalFile, at offset: UInt64, entries: Int) throws(QCOW2Error) -> [UInt64] {
-        let bytes = try readBytes(file, at: offset, count: entries * 8)
-        return (0..<entries).map { ByteCursor.peek(UInt64.self, in: bytes, at: $0 * 8)! }
+        // Read straight into the entries and swapped in place: an L1 table of a large image with
+        // small clusters is tens of MiB, and a byte copy beside it would double the peak.
+        var table = [UInt64](repeating: 0, count: entries)
+        do {
+            try table.withUnsafeMutableBytes { raw in try file.read(into: raw, at: offset, zeroFillPastEOF: false) }
+        } catch {
+            throw .io(reason: "reading \(entries * 8) bytes at \(offset): \(error)")
+        }
+        for i in table.indices { table[i] = UInt64(bigEndian: table[i]) }
+        return table
     }
 
     static func readSnapshots(_ file: any PositionalFile, header: QCOW2Header, fileSize: UInt64)

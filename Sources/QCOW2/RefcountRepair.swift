@@ -29,11 +29,11 @@ struct RefcountRepair {
     private func repair() throws(DeviceError) {
         let cs = geometry.clusterSize
         var expected: [UInt64: UInt64] = [:]  // cluster index -> references
-        func count(_ offset: UInt64, _ length: UInt64) {
+        func count(_ offset: UInt64, _ length: UInt64, times: UInt64 = 1) {
             guard length > 0 else { return }
             var c = offset / cs
             while c <= (offset + length - 1) / cs {
-                expected[c, default: 0] += 1
+                expected[c, default: 0] += times
                 c += 1
             }
         }
@@ -46,29 +46,39 @@ struct RefcountRepair {
             try QCOW2Device.readSnapshotTable(file, header: header, fileSize: fileSize)
         }
         count(header.snapshotsOffset, UInt64(tableLength))
-        var l1Tables = [(header.l1TableOffset, Int(header.l1Size))]
-        l1Tables += snapshots.map { ($0.l1TableOffset, Int($0.l1Size)) }
-        for (offset, size) in l1Tables {
+        // Each reference counts, but each distinct L1 and L2 table is read
+        // once, with how many times it is referenced: thousands of snapshots
+        // may share one table.
+        let active = TableExtent(offset: header.l1TableOffset, entries: Int(header.l1Size))
+        var l1Tables: [TableExtent: UInt64] = [active: 1]
+        for snapshot in snapshots {
+            l1Tables[TableExtent(offset: snapshot.l1TableOffset, entries: Int(snapshot.l1Size)), default: 0] += 1
+        }
+        var l2Tables: [UInt64: UInt64] = [:]
+        for (l1, references) in l1Tables {
             if case .failure(let problem) = QCOW2Header.validateTable(
-                offset: offset, entries: UInt64(size), fileSize: fileSize, clusterSize: cs,
+                offset: l1.offset, entries: UInt64(l1.entries), fileSize: fileSize, clusterSize: cs,
                 maximumEntries: QCOW2Header.maximumL1Entries) {
-                throw DeviceError(.io, "L1 table at \(offset): \(problem.text)")
+                throw DeviceError(.io, "L1 table at \(l1.offset): \(problem.text)")
             }
-            count(offset, UInt64(size) * 8)
-            let l1 = try open { () throws(QCOW2Error) in try QCOW2Device.readTable(file, at: offset, entries: size) }
-            for l1Entry in l1 {
-                let l2 = l1Entry & EntryBits.offsetMask
-                guard l2 != 0 else { continue }
-                count(l2, cs)
-                for (entry, _) in try entries(ofL2At: l2) {
-                    if entry & EntryBits.compressed != 0 {
-                        if case .compressed(let host, let length) = Mapping.decode(entry: entry, bitmap: 0, unit: 0,
-                                                                                   geometry: geometry) {
-                            count(host & ~511, UInt64(length) + (host & 511))
-                        }
-                    } else if !geometry.hasDataFile, entry & EntryBits.offsetMask != 0 {
-                        count(entry & EntryBits.offsetMask, cs)
+            count(l1.offset, UInt64(l1.entries) * 8, times: references)
+            let entries = try open { () throws(QCOW2Error) in
+                try QCOW2Device.readTable(file, at: l1.offset, entries: l1.entries)
+            }
+            for l1Entry in entries where l1Entry & EntryBits.offsetMask != 0 {
+                l2Tables[l1Entry & EntryBits.offsetMask, default: 0] += references
+            }
+        }
+        for (l2, references) in l2Tables {
+            count(l2, cs, times: references)
+            for (entry, _) in try entries(ofL2At: l2) {
+                if entry & EntryBits.compressed != 0 {
+                    if case .compressed(let host, let length) = Mapping.decode(entry: entry, bitmap: 0, unit: 0,
+                                                                               geometry: geometry) {
+                        count(host & ~511, UInt64(length) + (host & 511), times: references)
                     }
+                } else if !geometry.hasDataFile, entry & EntryBits.offsetMask != 0 {
+                    count(entry & EntryBits.offsetMask, cs, times: references)
                 }
             }
         }
@@ -110,6 +120,12 @@ struct RefcountRepair {
                 if want != entry { try write(QCOW2Device.bigEndianBytes(want), at: l2 + UInt64(i * words * 8)) }
             }
         }
+    }
+
+    /// Where an L1 table lies, to read tables shared by snapshots once.
+    private struct TableExtent: Hashable {
+        var offset: UInt64
+        var entries: Int
     }
 
     private func entries(ofL2At offset: UInt64) throws(DeviceError) -> [(UInt64, UInt64)] {

@@ -62,7 +62,9 @@ final class RefcountManager: @unchecked Sendable {
     let entriesPerBlock: UInt64
     private(set) var tableOffset: UInt64
     private(set) var table: [UInt64]
-    private var blocks: [UInt64: [UInt8]] = [:]
+    /// Refcount blocks live in the chain's shared cache, under this owner tag.
+    private let cache: MetadataCache
+    private let cacheOwner: UInt64
     /// First cluster-aligned offset past the end of the file's allocations.
     private(set) var fileEnd: UInt64
     /// No free cluster lies below this cluster index.
@@ -90,9 +92,12 @@ final class RefcountManager: @unchecked Sendable {
     private var reserveTarget: UInt64
     let maximumReserve: UInt64
 
-    init(file: any PositionalFile, header: QCOW2Header, fileSize: UInt64, metadata: MetadataMap?) throws(QCOW2Error) {
+    init(file: any PositionalFile, header: QCOW2Header, fileSize: UInt64, metadata: MetadataMap?,
+         cache: MetadataCache, cacheOwner: UInt64) throws(QCOW2Error) {
         self.file = file
         self.metadata = metadata
+        self.cache = cache
+        self.cacheOwner = cacheOwner
         clusterBits = Int(header.clusterBits)
         clusterSize = header.clusterSize
         order = Int(header.refcountOrder)
@@ -115,8 +120,13 @@ final class RefcountManager: @unchecked Sendable {
 
     // MARK: - Reading
 
-    private func block(at offset: UInt64) throws(DeviceError) -> [UInt8] {
-        if let cached = blocks[offset] { return cached }
+    private func cacheKey(_ offset: UInt64) -> MetadataCache.Key { .init(owner: cacheOwner, offset: offset) }
+
+    /// The refcount block at `offset`, from the cache or the file. Only
+    /// called under the metadata lock, so no other thread loads it meanwhile.
+    private func block(at offset: UInt64) throws(DeviceError) -> RefcountBlock {
+        let (cached, generation) = cache.lookup(cacheKey(offset))
+        if case .refcounts(let block)? = cached { return block }
         guard offset & (clusterSize - 1) == 0, offset + clusterSize <= fileEnd else {
             throw .corruption("refcount block at \(offset) is misaligned or past the end")
         }
@@ -126,8 +136,10 @@ final class RefcountManager: @unchecked Sendable {
         } catch {
             throw .system(error, "reading qcow2 refcount block at \(offset)")
         }
-        blocks[offset] = bytes
-        return bytes
+        let block = RefcountBlock(bytes)
+        guard case .refcounts(let cachedBlock) = cache.storeLoaded(.refcounts(block), for: cacheKey(offset),
+                                                                   generation: generation) else { return block }
+        return cachedBlock
     }
 
     /// The refcount of the cluster holding host offset `host`.
@@ -137,7 +149,7 @@ final class RefcountManager: @unchecked Sendable {
         guard tableIndex < UInt64(table.count) else { return 0 }
         let blockOffset = table[Int(tableIndex)] & EntryBits.offsetMask
         guard blockOffset != 0 else { return 0 }
-        return RefcountEntry.get(try block(at: blockOffset), index: Int(cluster % entriesPerBlock), order: order)
+        return RefcountEntry.get(try block(at: blockOffset).bytes, index: Int(cluster % entriesPerBlock), order: order)
     }
 
     // MARK: - Writing
@@ -153,16 +165,17 @@ final class RefcountManager: @unchecked Sendable {
         }
         let cluster = host >> UInt64(clusterBits)
         let blockOffset = try ensureBlock(forCluster: cluster)
-        _ = try block(at: blockOffset)  // loaded into `blocks`, then changed in place (no copy)
+        // Changed in place and written through at once: the cached block is
+        // never dirty, so the cache may drop it at any time.
+        let block = try block(at: blockOffset)
         let index = Int(cluster % entriesPerBlock)
-        let previous = RefcountEntry.get(blocks[blockOffset]!, index: index, order: order)
-        let changed = RefcountEntry.set(&blocks[blockOffset]!, index: index, order: order, value: value)
+        let previous = RefcountEntry.get(block.bytes, index: index, order: order)
+        let changed = RefcountEntry.set(&block.bytes, index: index, order: order, value: value)
         do {
-            try write(Array(blocks[blockOffset]![changed]), at: blockOffset + UInt64(changed.lowerBound),
-                      what: "refcount")
+            try write(Array(block.bytes[changed]), at: blockOffset + UInt64(changed.lowerBound), what: "refcount")
         } catch {
             // Keep memory equal to the disk, so a failed write (ENOSPC, EIO) leaves nothing inconsistent.
-            _ = RefcountEntry.set(&blocks[blockOffset]!, index: index, order: order, value: previous)
+            _ = RefcountEntry.set(&block.bytes, index: index, order: order, value: previous)
             throw error
         }
         if value == 0 { freeCursor = min(freeCursor, cluster) }
@@ -253,16 +266,22 @@ final class RefcountManager: @unchecked Sendable {
                 throw .system(error, "extending the qcow2 image file to \(fileEnd)")
             }
         }
-        var raised: [UInt64] = []
+        // Counted, not listed: a refill can claim half a million clusters.
+        var raised: UInt64 = 0
         do {
             for run in runs {
                 for c in run.first..<run.first + run.count {
                     try setRefcount(of: c << UInt64(clusterBits), to: 1)
-                    raised.append(c)
+                    raised += 1
                 }
             }
         } catch {
-            for c in raised { try? setRefcount(of: c << UInt64(clusterBits), to: 0) }
+            for run in runs where raised > 0 {
+                for c in run.first..<run.first + min(run.count, raised) {
+                    try? setRefcount(of: c << UInt64(clusterBits), to: 0)
+                }
+                raised -= min(run.count, raised)
+            }
             throw error
         }
         return runs
@@ -314,12 +333,12 @@ final class RefcountManager: @unchecked Sendable {
             if !selfCovering { try? setRefcount(of: blockOffset, to: 0) }
             throw error
         }
-        blocks[blockOffset] = bytes
+        cache.update(.refcounts(RefcountBlock(bytes)), for: cacheKey(blockOffset))
         do {
             try sync()  // the block (and its own refcount) before the table entry naming it
             try write(QCOW2Device.bigEndianBytes(blockOffset), at: tableOffset + tableIndex * 8, what: "refcount table")
         } catch {
-            blocks[blockOffset] = nil  // memory stays equal to the disk: no block for this range
+            cache.remove(cacheKey(blockOffset))  // memory stays equal to the disk: no block for this range
             metadata?.remove(blockOffset, length: clusterSize)
             if !selfCovering { try? setRefcount(of: blockOffset, to: 0) }
             throw error

@@ -22,7 +22,9 @@ public struct ExportOptions: Sendable {
     public var allocationDepth = false
     /// Persistent bitmaps to export as `qemu:dirty-bitmap:NAME` contexts (`-B`); qcow2 only.
     public var bitmaps: [String] = []
-    public var l2CacheBytes: Int?
+    /// `--cache-size`: memory for a qcow2 image's L2 tables and refcount
+    /// blocks, its backing chain included; nil for the default (32 MiB).
+    public var cacheBytes: Int?
     /// Most clients at once (`-e`, 0: no limit); multi-conn is advertised unless it is 1.
     public var maxConnections = 1
     /// `-s`: writes go to a temporary overlay; the image is never modified.
@@ -88,7 +90,7 @@ public enum SwiftNBDKit {
         case .qcow2:
             var qcowOptions = QCOW2Options(snapshot: options.loadSnapshot,
                                            allowedDirectories: options.backingDirectories, logger: options.logger)
-            if let bytes = options.l2CacheBytes { qcowOptions.l2CacheBytes = bytes }
+            if let bytes = options.cacheBytes { qcowOptions.cacheBytes = bytes }
             do {
                 let qcow2 = try QCOW2Device(path: options.path, readOnly: imageReadOnly, options: qcowOptions)
                 do {
@@ -150,9 +152,14 @@ extension ExportOptions {
             case "bitmap":
                 guard !value.isEmpty else { throw StartupError("--export '\(spec)': bitmap= needs a name") }
                 options.bitmaps.append(value)
+            case "cache-size":
+                guard let bytes = ByteSize.parse(value) else {
+                    throw StartupError("--export '\(spec)': cache-size must be a size such as 64M, not '\(value)'")
+                }
+                options.cacheBytes = bytes
             default:
-                throw StartupError(
-                    "--export '\(spec)': unknown key '\(key)' (name, file, format, readonly, description, bitmap)")
+                throw StartupError("--export '\(spec)': unknown key '\(key)' "
+                                   + "(name, file, format, readonly, description, bitmap, cache-size)")
             }
         }
         guard let name, let file, !file.isEmpty else {

@@ -65,6 +65,15 @@ struct SwiftNBD: ParsableCommand {
             help: "Serve backing and data files only from under this directory (repeatable; default: anywhere).")
     var backingDirectories: [String] = []
 
+    @Option(name: .customLong("cache-size"),
+            help: ArgumentHelp("Memory for qcow2 L2 tables and refcount blocks per export, backing files included "
+                               + "(K, M, G suffixes; default 32M).", valueName: "SIZE"),
+            transform: { text in
+                guard let bytes = ByteSize.parse(text) else { throw ValidationError("bad --cache-size '\(text)'") }
+                return bytes
+            })
+    var cacheSize: Int?
+
     @Flag(name: [.customShort("A"), .customLong("allocation-depth")],
           help: "Offer the qemu:allocation-depth metadata context.")
     var allocationDepth = false
@@ -141,7 +150,8 @@ struct SwiftNBD: ParsableCommand {
 
     @Option(name: .customLong("export"),
             help: ArgumentHelp("Serve another export (repeatable).",
-                               valueName: "name=NAME,file=PATH[,format=raw|qcow2][,readonly=on][,description=TEXT][,bitmap=NAME]"))
+                               valueName: "name=NAME,file=PATH[,format=raw|qcow2][,readonly=on][,description=TEXT]"
+                                   + "[,bitmap=NAME][,cache-size=SIZE]"))
     var exportSpecs: [String] = []
 
     @Argument(help: "The image file (optional when --export is given).")
@@ -227,6 +237,7 @@ struct SwiftNBD: ParsableCommand {
         common.discard = discard
         common.detectZeroes = detectZeroes
         common.backingDirectories = backingDirectories.isEmpty ? nil : backingDirectories
+        common.cacheBytes = cacheSize
         common.logger = logger
         var all: [ExportOptions] = []
         if let image {

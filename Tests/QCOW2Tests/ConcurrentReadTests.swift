@@ -14,7 +14,7 @@ import Testing
         let top = try ChainAndFeatureTests.makeChain(dir, cluster: 512, topOptions: ["compression_type=zstd"])
         try Q.io(top, ["write -c -P 0x42 2560k 32k"])
         let expected = try Q.qemuRaw(top, scratch: dir)
-        let device = try QCOW2Device(path: top, readOnly: true, options: QCOW2Options(l2CacheBytes: 4 * 512))
+        let device = try QCOW2Device(path: top, readOnly: true, options: QCOW2Options(cacheBytes: 4 * 512))
         defer { device.close() }
         let failures = Mutex(0)
         DispatchQueue.concurrentPerform(iterations: 8) { worker in

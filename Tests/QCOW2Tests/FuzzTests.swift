@@ -107,7 +107,7 @@ import Testing
             try Data(bytes).write(to: URL(fileURLWithPath: path))
             let snapshot: String? = Int.random(in: 0..<4, using: &rng) == 0 ? "s1" : nil
             guard let device = try? QCOW2Device(path: path, readOnly: true,
-                                                options: QCOW2Options(l2CacheBytes: 4096, snapshot: snapshot))
+                                                options: QCOW2Options(cacheBytes: 4096, snapshot: snapshot))
             else { continue }
             opened += 1
             _ = try? Q.readAll(device, chunk: 7 * 1024)
@@ -137,7 +137,7 @@ import Testing
             if Int.random(in: 0..<3, using: &rng) == 0 { bytes[79] |= 1 }  // dirty: repair at open
             try Data(bytes).write(to: URL(fileURLWithPath: path))
             guard let device = try? QCOW2Device(path: path, readOnly: false,
-                                                options: QCOW2Options(l2CacheBytes: 4096)) else { continue }
+                                                options: QCOW2Options(cacheBytes: 4096)) else { continue }
             opened += 1
             for _ in 0..<6 {
                 let offset = UInt64.random(in: 0..<device.size, using: &rng)

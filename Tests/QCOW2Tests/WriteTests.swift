@@ -107,7 +107,7 @@ import Testing
                 model.replaceSubrange(Int(offset)..<Int(offset + length), with: repeatElement(0, count: Int(length)))
             case .trim(let offset, let length):
                 try device.trim(at: offset, length: length, fua: false)
-                guard !device.header.dataFileIsRaw, device.backing == nil || device.header.version >= 3 else { continue }
+                guard device.backing == nil || device.header.version >= 3 else { continue }
                 let start = (offset + cluster - 1) & ~(cluster - 1)
                 let end = offset + length == device.size ? device.size : (offset + length) & ~(cluster - 1)
                 if start < end {
@@ -279,6 +279,39 @@ import Testing
     }
 }
 
+extension DirtyRepairTests {
+    /// Snapshots share L2 tables (qemu copies only the L1 table): the repair
+    /// reads each distinct table once to count references, and the active
+    /// ones once more to fix COPIED flags, however many snapshots share them.
+    @Test func repairReadsSharedTablesOnce() throws {
+        let dir = try TemporaryDirectory("qcow2-dirty-snapshots")
+        let path = dir.file("lazy.qcow2")
+        try Q.img(["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4k", path, Q.diskSize])
+        try Q.io(path, Q.contentScript)
+        for i in 0..<30 { try Q.img(["snapshot", "-c", "s\(i)", path]) }
+        _ = try Tools.run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x61 0 300k", "-c", "sigraise 9", path])
+        #expect(try WriteTests.header(path).incompatibleFeatures.contains(.dirty))
+        let faults = FileFaults()
+        let reads = ReadCounter()
+        // Tables and refcount blocks are read whole: one 4 KiB cluster.
+        faults.beforeRead.withLock { $0 = { offset, length in if length == 4096 { reads.count(offset) } } }
+        let device = try QCOW2Device(path: path, readOnly: false, options: QCOW2Options(opener: faults.opener))
+        device.close()
+        let (offset, most) = reads.most
+        #expect(most <= 2, "the cluster at \(offset) was read \(most) times")
+        let check = try Tools.run("qemu-img", ["check", "-f", "qcow2", path])
+        #expect(check.status == 0, "qemu-img check: \(check.stdout) \(check.stderr)")
+    }
+
+    final class ReadCounter: Sendable {
+        private let counts = Mutex<[UInt64: Int]>([:])
+        func count(_ offset: UInt64) { counts.withLock { $0[offset, default: 0] += 1 } }
+        var most: (offset: UInt64, reads: Int) {
+            counts.withLock { $0.max { $0.value < $1.value }.map { ($0.key, $0.value) } ?? (0, 0) }
+        }
+    }
+}
+
 /// Threads write disjoint, unaligned 250-byte chunks that share subclusters
 /// and clusters: in-place writes and read-modify-write of partly allocated
 /// subclusters race, and no write may be lost.
@@ -376,5 +409,29 @@ import Testing
         try device.trim(at: 0, length: device.size, fua: true)
         device.close()
         #expect(try Q.fileBytes(path) == before)
+    }
+}
+
+/// With a raw external data file, a trim punches the data file and sets the
+/// zero flag, as qemu does, so the file keeps matching the disk. The data
+/// file's first cluster (host offset 0) is then rewritten like any other.
+@Suite struct RawDataFileTrimTests {
+    // A lost cluster-0 write once left the cluster marked as being allocated, and the next trim spun on it.
+    @Test(.timeLimit(.minutes(1)))
+    func trimmedClustersReadAsZerosAndTakeWritesAgain() throws {
+        let dir = try TemporaryDirectory("qcow2-raw-trim")
+        let dataPath = dir.file("image.data")
+        let path = try WriteTests.plain("data_file=\(dataPath),data_file_raw=on,cluster_size=16k")(dir)
+        var model = try Q.qemuRaw(path, scratch: dir)
+        let device = try QCOW2Device(path: path, readOnly: false)
+        try WriteTests.apply([.trim(0, device.size), .write(100, [UInt8](repeating: 0x5A, count: 3000)),
+                              .trim(16384, 40000), .write(20000, [UInt8](repeating: 0xA5, count: 70000)),
+                              .trim(0, device.size), .write(0, [UInt8](repeating: 0x3C, count: 512))],
+                             to: device, model: &model)
+        #expect(model[0..<512].allSatisfy { $0 == 0x3C } && model[512...].allSatisfy { $0 == 0 })
+        device.close()
+        try WriteTests.expectConsistent(path, model: model, dir: dir)
+        let raw = [UInt8](try Data(contentsOf: URL(fileURLWithPath: dataPath)))
+        #expect(raw.count == model.count && raw == model, "the raw data file no longer matches the disk")
     }
 }
