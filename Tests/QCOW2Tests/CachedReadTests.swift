@@ -172,3 +172,26 @@ import Testing
         }
     }
 }
+
+/// `-s` over qcow2: cached reads pass through the overlay to the image's `readIfCached`.
+@Suite struct SnapshotOverlayCachedReadTests {
+    @Test func overlayAndBaseBlocksMatchRead() throws {
+        let dir = try TemporaryDirectory("qcow2-cached-overlay")
+        let path = dir.file("image.qcow2")
+        try Q.img(["create", "-q", "-f", "qcow2", path, "1M"])
+        try Q.io(path, ["write -P 0x31 0 256k"])
+        let image = try QCOW2Device(path: path, readOnly: true)
+        let device = try SnapshotOverlayDevice(base: image, directory: dir.path)
+        defer { device.close() }
+        let patch = [UInt8](repeating: 0x7C, count: 8192)
+        try patch.withUnsafeBytes { try device.write($0, at: 64 * 1024 + 4096, fua: false) }
+        let expected = try Q.readAll(device)
+        #expect(expected[64 * 1024 + 4096] == 0x7C && expected[0] == 0x31)
+        // A fresh image's L2 table is cached by now; every block, and a read across the overlay's edges.
+        for (offset, length) in [(0, 4096), (64 * 1024, 64 * 1024), (60 * 1024, 72 * 1024), (512 * 1024, 4096)] {
+            var buffer = [UInt8](repeating: 0xEE, count: length)
+            #expect(buffer.withUnsafeMutableBytes { device.readIfCached(into: $0, at: UInt64(offset)) })
+            #expect(buffer[...] == expected[offset..<offset + length])
+        }
+    }
+}
