@@ -69,6 +69,26 @@ public final class SnapshotOverlayDevice: BlockDevice, @unchecked Sendable {
         }
     }
 
+    /// As `read`, block run by block run, from the overlay's cached pages or the base's `readIfCached`.
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
+        guard offset <= size, UInt64(buffer.count) <= size - offset else { return false }
+        var done: UInt64 = 0
+        let total = UInt64(buffer.count)
+        while done < total {
+            let position = offset + done
+            let inOverlay = isCopied(position / blockSize)
+            var end = min((position / blockSize + 1) * blockSize, offset + total)
+            while end < offset + total && isCopied(end / blockSize) == inOverlay {
+                end = min(end + blockSize, offset + total)
+            }
+            let part = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(done)..<Int(end - offset)])
+            guard inOverlay ? overlay.readIfCached(into: part, at: position) : base.readIfCached(into: part, at: position)
+            else { return false }
+            done = end - offset
+        }
+        return true
+    }
+
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws(DeviceError) {
         try eachBlock(offset: offset, length: UInt64(data.count)) { (position, range) throws(DeviceError) in
             try overlayWrite(UnsafeRawBufferPointer(rebasing: data[Int(position - offset)..<Int(position - offset) + range]),

@@ -13,7 +13,8 @@ import SystemIO
 /// writer thread sends everything.
 ///
 /// Every reply given to the writer comes back exactly once through
-/// `finished`, sent or dropped, so buffers and budget are always returned.
+/// `finished`, sent or dropped, so buffers and budget are always returned;
+/// `failed` comes first, as the owner may be freed once all are back.
 final class ReplyWriter: @unchecked Sendable {
     private let transport: Transport
     private let name: String
@@ -105,8 +106,10 @@ final class ReplyWriter: @unchecked Sendable {
                 lock.lock()
             case .failure(let error):
                 lock.unlock()
-                finished(head)
+                // `failed` before the last `finished`: once every reply is back the
+                // connection may be gone, and `failed` reaches it.
                 fail(error)
+                finished(head)
                 lock.lock()
             }
         }
@@ -126,8 +129,8 @@ final class ReplyWriter: @unchecked Sendable {
             return all
         }
         guard let dropped else { return }
-        for reply in dropped { finished(reply) }
         failed(error)
+        for reply in dropped { finished(reply) }
     }
 
     /// Lets the writer thread end; called once nothing more will be enqueued.

@@ -21,6 +21,16 @@ final class HostRangeGuard: @unchecked Sendable {
         }
     }
 
+    /// Pins `range` unless a writer is waiting on it; never waits, for
+    /// readers that must not block (`readIfCached`).
+    func tryPin(_ range: Range<UInt64>) -> Bool {
+        lock.withLock {
+            guard !awaited.contains(where: { $0.overlaps(range) }) else { return false }
+            pinned.append(range)
+            return true
+        }
+    }
+
     func unpin(_ range: Range<UInt64>) {
         lock.withLock {
             if let i = pinned.firstIndex(of: range) { pinned.remove(at: i) }

@@ -36,6 +36,13 @@ final class L2Cache: Sendable {
         return table
     }
 
+    /// The table at host `offset` if cached; never loads it (and counts
+    /// neither a hit nor a miss, as the caller falls back to `table(at:)`).
+    func cachedTable(at offset: UInt64) -> L2Table? {
+        if case .l2(let table)? = shared.lookup(key(offset)).0 { return table }
+        return nil
+    }
+
     /// Stores `table` for host `offset`. Writers use this to publish an update.
     func insert(_ table: L2Table, at offset: UInt64) { shared.update(.l2(table), for: key(offset)) }
 
