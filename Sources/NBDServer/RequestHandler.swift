@@ -106,8 +106,10 @@ struct RequestHandler: @unchecked Sendable {
     /// wait for storage, so a device thread runs it.
     func readIfCached(_ request: Request) -> Reply? {
         guard request.command == .read else { return nil }
-        if sendsFileRanges && request.length >= Self.fileRangeThreshold {
-            return fileRangeIfCached(request)
+        // Devices without file ranges (qcow2) copy cached data here, whatever its length.
+        if sendsFileRanges && request.length >= Self.fileRangeThreshold,
+           let range = device.fileRange(at: request.offset, length: request.length) {
+            return fileRangeIfCached(request, range)
         }
         guard let data = buffers.take(Int(request.length)) else { return nil }
         guard device.readIfCached(into: data, at: request.offset) else {
@@ -118,8 +120,7 @@ struct RequestHandler: @unchecked Sendable {
         return dataReply(request, data)
     }
 
-    private func fileRangeIfCached(_ request: Request) -> Reply? {
-        guard let range = device.fileRange(at: request.offset, length: request.length) else { return nil }
+    private func fileRangeIfCached(_ request: Request, _ range: FileRange) -> Reply? {
         let framing = framing(for: request)
         if framing != nil {
             // As in `read`: data starting with zeros may be a hole, for the copy path to find.
