@@ -41,9 +41,16 @@ enum RefcountEntry {
     static func maximum(order: Int) -> UInt64 { order == 6 ? .max : (1 << UInt64(1 << order)) - 1 }
 }
 
+/// Clusters the allocator handed out and clusters whose refcount reached zero.
+final class AllocationCounters: Sendable {
+    let allocated = Atomic<UInt64>(0)
+    let freed = Atomic<UInt64>(0)
+}
+
 /// The refcount table and blocks of a writable image, and the cluster
-/// allocator built on them. Not thread-safe: every use is under the
-/// device's metadata lock.
+/// allocator built on them. Not thread-safe: a device reaches it only
+/// through its `MetadataState`, inside the metadata lock. (`@unchecked`
+/// so that the state can live in a `Mutex`.)
 ///
 /// Power-loss order (spec, "Host cluster management"; qemu orders its
 /// caches the same way): a refcount block is on disk (synced) before the
@@ -76,9 +83,8 @@ final class RefcountManager: @unchecked Sendable {
     let metadata: MetadataMap?
     /// Set when a refcount table move failed half-way; refcounts are then left alone.
     private var broken = false
-    /// Clusters `allocate` handed out and clusters whose refcount reached zero, for metrics.
-    let allocatedClusters = Atomic<UInt64>(0)
-    let freedClusters = Atomic<UInt64>(0)
+    /// Read for metrics without the lock.
+    let counters = AllocationCounters()
 
     /// A run of clusters whose refcount is already 1. `fresh` runs lie past
     /// anything ever written, so they read as zeros.
@@ -191,7 +197,7 @@ final class RefcountManager: @unchecked Sendable {
         }
         let value = delta < 0 ? current - UInt64(-delta) : current + UInt64(delta)
         try setRefcount(of: host, to: value)
-        if delta < 0 && value == 0 { freedClusters.add(1, ordering: .relaxed) }
+        if delta < 0 && value == 0 { counters.freed.add(1, ordering: .relaxed) }
         return value
     }
 
@@ -208,7 +214,7 @@ final class RefcountManager: @unchecked Sendable {
             reserve[0].first += n
             reserve[0].count -= n
         }
-        allocatedClusters.add(n, ordering: .relaxed)
+        counters.allocated.add(n, ordering: .relaxed)
         return (run.first << UInt64(clusterBits), Int(n), run.fresh)
     }
 
@@ -216,7 +222,7 @@ final class RefcountManager: @unchecked Sendable {
     /// the reserve; their refcount is still 1 and nothing points at them.
     func giveBack(host: UInt64, count: Int) {
         reserve.insert(Run(first: host >> UInt64(clusterBits), count: UInt64(count), fresh: false), at: 0)
-        allocatedClusters.subtract(UInt64(count), ordering: .relaxed)
+        counters.allocated.subtract(UInt64(count), ordering: .relaxed)
     }
 
     var reserveIsEmpty: Bool { reserve.isEmpty }
