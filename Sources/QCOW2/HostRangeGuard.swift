@@ -1,6 +1,6 @@
 import SystemIO
 
-/// Host ranges with I/O in flight outside `metadataLock`: reads of data
+/// Host ranges with I/O in flight outside the metadata lock: reads of data
 /// clusters and in-place writes pin their range until the I/O ends.
 /// The allocator never hands out a pinned cluster, even one freed
 /// meanwhile, and a writer that must see every byte of a range (a

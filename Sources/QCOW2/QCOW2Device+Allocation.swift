@@ -5,7 +5,7 @@ import SystemIO
 /// Writing guest data: in place into clusters this image owns, or into
 /// newly allocated clusters (copy-on-write from a backing file, a
 /// compressed or snapshot-shared cluster). Metadata changes run under
-/// `metadataLock`; data I/O of in-place and single-cluster writes does not.
+/// the metadata lock; data I/O of in-place and single-cluster writes does not.
 extension QCOW2Device {
     var entryWords: Int { geometry.extendedL2 ? 2 : 1 }
 
@@ -14,7 +14,8 @@ extension QCOW2Device {
     /// many host-contiguous clusters of one L2 table as qualify), or nil.
     func writeInPlace(_ data: UnsafeRawBufferPointer, at guest: UInt64) throws(DeviceError) -> Int? {
         let g = geometry
-        let target: (host: UInt64, length: Int)? = try withMetadataLock { () throws(DeviceError) in
+        // Under the lock only so that the pin cannot race an allocation of the range.
+        let target: (host: UInt64, length: Int)? = try withMetadataLock { _ throws(DeviceError) in
             let l1Index = Int(guest / g.bytesPerL2)
             guard let table = try activeL2(l1Index: l1Index)?.table else { return nil }
             var index = Int((guest % g.bytesPerL2) >> UInt64(g.clusterBits))
@@ -61,7 +62,7 @@ extension QCOW2Device {
     /// owned by this image, to be written in place by the caller instead.
     ///
     /// Three steps, so that different clusters are allocated in parallel:
-    /// under `metadataLock`, plan and allocate (the cluster is marked
+    /// under the metadata lock, plan and allocate (the cluster is marked
     /// pending); unlocked, copy its old contents and write the new cluster;
     /// under the lock again, point the L2 entry at it and release the old one.
     /// The cluster's stripe of `clusterLocks`, held throughout, keeps other
@@ -90,28 +91,28 @@ extension QCOW2Device {
         let clusterIndex = guest >> UInt64(g.clusterBits)
         let clusterStart = guest & ~(g.clusterSize - 1)
         let into = Int(guest - clusterStart)
-        let decided = try withMetadataLock { () throws(DeviceError) -> Rewrite? in
-            let (l2Offset, index, table) = try writableL2(for: guest)
+        let decided = try withMetadataLock { state throws(DeviceError) -> Rewrite? in
+            let (l2Offset, index, table) = try writableL2(&state, for: guest)
             let old = table.entries[index * entryWords]
             let bitmap = g.extendedL2 ? table.entries[index * 2 + 1] : 0
             let host = old & EntryBits.offsetMask
             let plain = old & (EntryBits.compressed | EntryBits.copied) == 0 && host != 0 && !g.hasDataFile
             let plan = ClusterWritePlan.plan(entry: old, bitmap: bitmap, from: UInt64(into), length: UInt64(data.count),
                                              guestCluster: clusterStart, geometry: g,
-                                             refcount: plain ? try refcounts!.refcount(of: host) : nil)
+                                             refcount: plain ? try state.refcounts!.refcount(of: host) : nil)
             switch plan {
             case .corrupt(let reason):
                 throw .corruption("L2 entry \(index) of the table at \(l2Offset): \(reason)")
             case .inPlace:
                 return nil  // in-place writers may be landing in it: no read-modify-write
             case .subclusters(let owned):
-                try writeSubclusters(data, at: guest, l2Offset: l2Offset, index: index, old: old, bitmap: bitmap,
+                try writeSubclusters(&state, data, at: guest, l2Offset: l2Offset, index: index, old: old, bitmap: bitmap,
                                      host: owned)
                 return Rewrite(old: old, newHost: 0, reused: true, fresh: false, finished: true)
             case .rewrite(let owned):
-                pendingClusters.value.insert(clusterIndex)
+                state.pendingClusters.insert(clusterIndex)
                 if let owned { return Rewrite(old: old, newHost: owned, reused: true, fresh: false) }
-                let run = try allocateClusters(upTo: 1)
+                let run = try allocateClusters(&state, upTo: 1)
                 return Rewrite(old: old, newHost: run.host, reused: false, fresh: run.fresh)
             }
         }
@@ -151,21 +152,22 @@ extension QCOW2Device {
                 if copied && !mappedHere { try syncData() }
             }
         } catch {
-            _ = try? withMetadataLock { () throws(DeviceError) in
-                pendingClusters.value.remove(clusterIndex)
-                if !plan.reused { unallocate(host: plan.newHost, count: 1) }
+            _ = try? withMetadataLock { state throws(DeviceError) in
+                state.pendingClusters.remove(clusterIndex)
+                if !plan.reused { unallocate(&state, host: plan.newHost, count: 1) }
             }
             throw error
         }
 
-        try withMetadataLock { () throws(DeviceError) in
-            defer { pendingClusters.value.remove(clusterIndex) }
-            let (l2Offset, index, table) = try writableL2(for: guest)
+        try withMetadataLock { state throws(DeviceError) in
+            defer { state.pendingClusters.remove(clusterIndex) }
+            let (l2Offset, index, table) = try writableL2(&state, for: guest)
             guard table.entries[index * entryWords] & ~EntryBits.copied == plan.old & ~EntryBits.copied else {
                 throw .corruption("the L2 entry of cluster \(clusterIndex) changed during a write")
             }
-            try setL2Entries(l2Offset: l2Offset, index: index, [(plan.newHost | EntryBits.copied, g.extendedL2 ? 0xFFFF_FFFF : 0)])
-            if !plan.reused { try release(plan.old) }
+            try setL2Entries(state, l2Offset: l2Offset, index: index,
+                             [(plan.newHost | EntryBits.copied, g.extendedL2 ? 0xFFFF_FFFF : 0)])
+            if !plan.reused { try release(&state, plan.old) }
         }
         return true
     }
@@ -178,7 +180,7 @@ extension QCOW2Device {
     /// Writes `data` into the subclusters it touches of an extended-L2
     /// cluster at `host` (owned), or at a newly allocated cluster when `host`
     /// is nil. Partly touched subclusters keep their other bytes.
-    func writeSubclusters(_ data: UnsafeRawBufferPointer, at guest: UInt64, l2Offset: UInt64, index: Int,
+    func writeSubclusters(_ state: inout MetadataState, _ data: UnsafeRawBufferPointer, at guest: UInt64, l2Offset: UInt64, index: Int,
                           old: UInt64, bitmap: UInt64, host: UInt64?) throws(DeviceError) {
         let g = geometry
         let clusterStart = guest & ~(g.clusterSize - 1)
@@ -202,7 +204,7 @@ extension QCOW2Device {
         }
         UnsafeMutableRawBufferPointer(rebasing: buffer[offsetInRegion..<offsetInRegion + data.count]).copyMemory(from: data)
         let newHost: UInt64
-        if let host { newHost = host } else { newHost = try allocateClusters(upTo: 1).host }
+        if let host { newHost = host } else { newHost = try allocateClusters(&state, upTo: 1).host }
         do {
             try writeData(UnsafeRawBufferPointer(buffer), at: newHost + (regionStart - clusterStart))
             // Copied bytes before the entry naming them, as in writeClusterLocked.
@@ -211,23 +213,24 @@ extension QCOW2Device {
                 try syncData()
             }
         } catch {
-            if host == nil { unallocate(host: newHost, count: 1) }
+            if host == nil { unallocate(&state, host: newHost, count: 1) }
             throw error
         }
         let touched = ((UInt64(1) << (last - first + 1)) - 1) << first
         let newBitmap = (bitmap | touched) & ~(touched << 32)
-        try setL2Entries(l2Offset: l2Offset, index: index, [(newHost | EntryBits.copied, newBitmap)])
-        if host == nil { try release(old) }
+        try setL2Entries(state, l2Offset: l2Offset, index: index, [(newHost | EntryBits.copied, newBitmap)])
+        if host == nil { try release(&state, old) }
     }
 
     /// Writes whole clusters from `guest` (cluster-aligned) into newly
     /// allocated, host-contiguous clusters, as many as one L2 table maps, the
     /// allocator's reserve gives contiguously, and none of which this image
     /// owns alone or another write is allocating. Returns the bytes written:
-    /// 0 if the first cluster is such a one. Under `metadataLock`.
-    func writeWholeClusters(_ data: UnsafeRawBufferPointer, at guest: UInt64) throws(DeviceError) -> Int {
+    /// 0 if the first cluster is such a one.
+    func writeWholeClusters(_ state: inout MetadataState, _ data: UnsafeRawBufferPointer,
+                            at guest: UInt64) throws(DeviceError) -> Int {
         let g = geometry
-        let (l2Offset, index, table) = try writableL2(for: guest)
+        let (l2Offset, index, table) = try writableL2(&state, for: guest)
         let limit = min(data.count >> g.clusterBits, g.l2Entries - index)
         var count = 0
         var old: [UInt64] = []
@@ -237,7 +240,7 @@ extension QCOW2Device {
                 && (entry & EntryBits.offsetMask != 0 || g.hasDataFile)
             // Owned clusters are written in place, and a cluster another write is
             // allocating must wait for it: both go through writeCluster.
-            if owned || pendingClusters.value.contains((guest >> UInt64(g.clusterBits)) + UInt64(count)) { break }
+            if owned || state.pendingClusters.contains((guest >> UInt64(g.clusterBits)) + UInt64(count)) { break }
             old.append(entry)
             count += 1
         }
@@ -246,20 +249,20 @@ extension QCOW2Device {
         if g.hasDataFile {
             host = guest
         } else {
-            let run = try allocateClusters(upTo: count)
+            let run = try allocateClusters(&state, upTo: count)
             (host, count) = (run.host, run.count)
         }
         let length = count << g.clusterBits
         do {
             try writeData(UnsafeRawBufferPointer(rebasing: data[..<length]), at: host)
         } catch {
-            if !g.hasDataFile { unallocate(host: host, count: count) }
+            if !g.hasDataFile { unallocate(&state, host: host, count: count) }
             throw error
         }
         let bitmap: UInt64 = g.extendedL2 ? 0xFFFF_FFFF : 0
-        try setL2Entries(l2Offset: l2Offset, index: index,
+        try setL2Entries(state, l2Offset: l2Offset, index: index,
                          (0..<count).map { ((host + (UInt64($0) << UInt64(g.clusterBits))) | EntryBits.copied, bitmap) })
-        for entry in old.prefix(count) { try release(entry) }
+        for entry in old.prefix(count) { try release(&state, entry) }
         return length
     }
 }

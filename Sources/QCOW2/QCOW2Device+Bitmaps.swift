@@ -37,8 +37,8 @@ extension QCOW2Device {
     /// Writes the changed clusters of each tracked bitmap: in place where the
     /// bitmap table names one, else into a newly allocated cluster that the
     /// table then names. The caller's sync point makes them durable; the
-    /// bitmaps stay in_use. Under `metadataLock`.
-    func writeBackBitmaps() throws(DeviceError) {
+    /// bitmaps stay in_use.
+    func writeBackBitmaps(_ state: inout MetadataState) throws(DeviceError) {
         guard writable, let bitmaps else { return }
         let clusterSize = geometry.clusterSize
         for bitmap in bitmaps.tracked {
@@ -60,7 +60,7 @@ extension QCOW2Device {
                     } else if tableEntry & Bitmaps.allOnes == 0 && data.contains(where: { $0 != 0 }) {
                         // A whole cluster, so the file covers it (its tail bits must read as zeros).
                         data += [UInt8](repeating: 0, count: Int(clusterSize) - data.count)
-                        let newHost = try allocateClusters(upTo: 1).host
+                        let newHost = try allocateClusters(&state, upTo: 1).host
                         metadataMap?.insert(newHost, length: clusterSize)
                         do throws(DeviceError) {
                             try writeMetadata(data, at: newHost, what: "bitmap data")
@@ -68,7 +68,7 @@ extension QCOW2Device {
                                               at: bitmap.entry.tableOffset + UInt64(index * 8), what: "bitmap table")
                         } catch {
                             metadataMap?.remove(newHost, length: clusterSize)
-                            unallocate(host: newHost, count: 1)
+                            unallocate(&state, host: newHost, count: 1)
                             throw error
                         }
                         bitmap.state.withLock { $0.table[index] = newHost }
@@ -105,7 +105,7 @@ extension QCOW2Device {
     func writeBackBitmapsForClose() -> Bool {
         guard writable, bitmaps != nil else { return false }
         do {
-            try withMetadataLock { () throws(DeviceError) in try writeBackBitmaps() }
+            try withMetadataLock { state throws(DeviceError) in try writeBackBitmaps(&state) }
             return true
         } catch {
             logger.error("qcow2: bitmaps could not be written back; they stay in use",

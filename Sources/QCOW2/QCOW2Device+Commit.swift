@@ -15,8 +15,6 @@ import SystemIO
 struct DeferredMetadata {
     /// Entries (L2 entries, or L2 tables as plain entries) whose references were dropped.
     var releases: [UInt64] = []
-    /// With lazy refcounts: the dirty bit is set (and synced).
-    var dirty = false
 }
 
 extension QCOW2Device {
@@ -26,51 +24,51 @@ extension QCOW2Device {
 
     /// Up to `count` host-contiguous new clusters with refcount 1 on disk
     /// (synced, unless lazy refcounts), and whether they read as zeros.
-    /// Under `metadataLock`.
-    func allocateClusters(upTo count: Int) throws(DeviceError) -> (host: UInt64, count: Int, fresh: Bool) {
-        let refcounts = refcounts!
+    func allocateClusters(_ state: inout MetadataState,
+                          upTo count: Int) throws(DeviceError) -> (host: UInt64, count: Int, fresh: Bool) {
+        let refcounts = state.refcounts!
         if let run = refcounts.take(upTo: count) { return run }
-        try commit(refill: count)
+        try commit(&state, refill: count)
         guard let run = refcounts.take(upTo: count) else { throw DeviceError(.noSpace, "qcow2: no cluster to allocate") }
         return run
     }
 
     /// Gives clusters from `allocateClusters` back when their data write failed.
-    func unallocate(host: UInt64, count: Int) {
-        refcounts?.giveBack(host: host, count: count)
+    func unallocate(_ state: inout MetadataState, host: UInt64, count: Int) {
+        state.refcounts?.giveBack(host: host, count: count)
     }
 
     /// Drops this image's reference to what an L2 entry pointed to: at the
     /// next sync point, once the entry's new value is durable. Data file
     /// clusters are not refcounted (see `discardInDataFile`).
-    func release(_ entry: UInt64) throws(DeviceError) {
-        guard refcounts != nil, dataFile == nil else { return }
+    func release(_ state: inout MetadataState, _ entry: UInt64) throws(DeviceError) {
+        guard state.refcounts != nil, dataFile == nil else { return }
         guard entry & EntryBits.offsetMask != 0 || entry & EntryBits.compressed != 0 else { return }
-        deferred.value.releases.append(entry)
-        if deferred.value.releases.count >= QCOW2Device.maximumDeferredReleases { try commit() }
+        state.deferred.releases.append(entry)
+        if state.deferred.releases.count >= QCOW2Device.maximumDeferredReleases { try commit(&state) }
     }
 
     /// Gives a deallocated data file range back to the host file system, at
     /// once: a power cut before the L2 entry is durable leaves it naming
-    /// zeros, which a trimmed or zeroed range may read as. Under
-    /// `metadataLock`, so no new write to the range can come first.
-    func discardInDataFile(at guest: UInt64, length: UInt64) {
+    /// zeros, which a trimmed or zeroed range may read as. Under the
+    /// metadata lock (`state` is only the proof), so no new write to the range can come first.
+    func discardInDataFile(_ state: borrowing MetadataState, at guest: UInt64, length: UInt64) {
         guard let dataFile, !header.dataFileIsRaw else { return }
         try? dataFile.punchHole(at: guest, length: length)
     }
 
-    /// A sync point, under `metadataLock`: syncs what was written, applies
+    /// A sync point: syncs what was written, applies
     /// the refcount decreases that waited for it, punches the freed clusters
     /// out of the file, and refills the allocator's reserve with at least
     /// `refill` clusters (synced before use). With `durable`, everything is
     /// on disk when it returns (a flush).
-    func commit(refill: Int = 0, durable: Bool = false) throws(DeviceError) {
-        guard let refcounts else { return }
+    func commit(_ state: inout MetadataState, refill: Int = 0, durable: Bool = false) throws(DeviceError) {
+        guard let refcounts = state.refcounts else { return }
         let lazy = header.lazyRefcounts
-        if durable || !deferred.value.releases.isEmpty { try syncImage() }
+        if durable || !state.deferred.releases.isEmpty { try syncImage() }
         var unsynced = false
         var freed: [UInt64] = []
-        while let entry = deferred.value.releases.last {
+        while let entry = state.deferred.releases.last {
             if entry & EntryBits.compressed != 0 {
                 if case .compressed(let host, let length) = Mapping.decode(entry: entry, bitmap: 0, unit: 0,
                                                                            geometry: geometry) {
@@ -83,12 +81,12 @@ extension QCOW2Device {
             } else if try refcounts.adjustRefcount(of: entry & EntryBits.offsetMask, by: -1) == 0 {
                 freed.append(entry & EntryBits.offsetMask)
             }
-            deferred.value.releases.removeLast()
+            state.deferred.releases.removeLast()
             unsynced = true
         }
-        punch(freed)
+        punch(freed, refcounts: refcounts)
         if refill > 0 {
-            if lazy && !deferred.value.dirty { try setDirty(true) }
+            if lazy && !dirtyBitSet.load(ordering: .relaxed) { try setDirty(&state, true) }
             let runs = try refcounts.claimFree(minimum: refill)
             if !lazy {
                 do {
@@ -108,7 +106,7 @@ extension QCOW2Device {
     /// Deallocates freed host clusters in the image file, as qemu does with
     /// discard=unmap, so trimmed space goes back to the host file system.
     /// Clusters with reads or in-place writes in flight are skipped.
-    private func punch(_ clusters: [UInt64]) {
+    private func punch(_ clusters: [UInt64], refcounts: RefcountManager) {
         let size = geometry.clusterSize
         var start: UInt64 = 0, length: UInt64 = 0
         func flush() {
@@ -117,7 +115,7 @@ extension QCOW2Device {
         }
         // isUnavailable covers metadata too: a hostile image's metadata cluster with a
         // refcount dropping to 0 is left alone.
-        for host in clusters.sorted() where !(refcounts?.isUnavailable(host) ?? true) {
+        for host in clusters.sorted() where !refcounts.isUnavailable(host) {
             if length > 0 && start + length == host { length += size } else {
                 flush()
                 start = host
@@ -129,8 +127,9 @@ extension QCOW2Device {
 
     /// Sets or clears the dirty bit (lazy refcounts), synced: set before any
     /// refcount may lag behind the L2 tables, cleared once they agree again.
-    func setDirty(_ on: Bool) throws(DeviceError) {
-        deferred.value.dirty = on
+    /// `state` is only the proof that the lock is held.
+    func setDirty(_ state: inout MetadataState, _ on: Bool) throws(DeviceError) {
+        dirtyBitSet.store(on, ordering: .relaxed)
         try writeFeatures()
         try syncImage()
     }
@@ -138,7 +137,7 @@ extension QCOW2Device {
     /// Writes the incompatible feature bits: the header's, with dirty and corrupt as they stand now.
     func writeFeatures() throws(DeviceError) {
         var features = header.incompatibleFeatures.subtracting([.dirty, .corrupt])
-        if deferred.value.dirty { features.insert(.dirty) }
+        if dirtyBitSet.load(ordering: .relaxed) { features.insert(.dirty) }
         if markedCorrupt.load(ordering: .relaxed) { features.insert(.corrupt) }
         try writeMetadata(QCOW2Device.bigEndianBytes(features.rawValue), at: 72, what: "header")
     }
@@ -150,18 +149,21 @@ extension QCOW2Device {
     /// At close: everything deferred is written, the unused reserve freed
     /// (and punched), and a lazy image's dirty bit cleared.
     func closeMetadata() {
-        guard writable, let refcounts else { return }
+        guard writable else { return }
         try? dataFile?.sync()
-        try? withMetadataLock { () throws(DeviceError) in
-            try commit(durable: true)
+        try? withMetadataLock { state throws(DeviceError) in
+            guard let refcounts = state.refcounts else { return }
+            try commit(&state, durable: true)
             var released: [UInt64] = []
             for run in refcounts.reserve {
                 for c in run.first..<run.first + run.count { released.append(c << UInt64(geometry.clusterBits)) }
             }
             try refcounts.releaseReserve()
-            punch(released)
+            punch(released, refcounts: refcounts)
             try syncImage()
-            if deferred.value.dirty && !markedCorrupt.load(ordering: .relaxed) { try setDirty(false) }
+            if dirtyBitSet.load(ordering: .relaxed) && !markedCorrupt.load(ordering: .relaxed) {
+                try setDirty(&state, false)
+            }
         }
     }
 

@@ -5,7 +5,7 @@ extension QCOW2Device: DeviceStatisticsSource {
     public var statistics: DeviceStatistics {
         DeviceStatistics(cacheHits: l2Cache.hits.load(ordering: .relaxed),
                          cacheMisses: l2Cache.misses.load(ordering: .relaxed),
-                         clustersAllocated: refcounts?.allocatedClusters.load(ordering: .relaxed) ?? 0,
-                         clustersFreed: refcounts?.freedClusters.load(ordering: .relaxed) ?? 0)
+                         clustersAllocated: allocationCounters?.allocated.load(ordering: .relaxed) ?? 0,
+                         clustersFreed: allocationCounters?.freed.load(ordering: .relaxed) ?? 0)
     }
 }

@@ -8,7 +8,7 @@ extension QCOW2Device {
     /// (or past the table). Every path goes through here, so every path
     /// checks the table's alignment and place.
     func activeL2(l1Index: Int) throws(DeviceError) -> (offset: UInt64, entry: UInt64, table: L2Table)? {
-        let l1Entry = l1Table.withLock { l1Index < $0.count ? $0[l1Index] : 0 }
+        let l1Entry = l1Table.entry(at: l1Index)
         let offset = l1Entry & EntryBits.offsetMask
         guard offset != 0 else { return nil }
         guard offset & (geometry.clusterSize - 1) == 0 else {
@@ -22,18 +22,18 @@ extension QCOW2Device {
 
     /// The L2 table mapping `guest`, made writable: allocated if missing,
     /// copied if shared with a snapshot. Returns its offset, the entry index
-    /// and the current table. Under `metadataLock`.
-    func writableL2(for guest: UInt64) throws(DeviceError) -> (UInt64, Int, L2Table) {
+    /// and the current table.
+    func writableL2(_ state: inout MetadataState, for guest: UInt64) throws(DeviceError) -> (UInt64, Int, L2Table) {
         let g = geometry
-        guard let refcounts else { throw DeviceError(.readOnly, "qcow2 export is read-only") }
+        guard let refcounts = state.refcounts else { throw DeviceError(.readOnly, "qcow2 export is read-only") }
         let l1Index = Int(guest / g.bytesPerL2)
         let index = Int((guest % g.bytesPerL2) >> UInt64(g.clusterBits))
-        guard l1Index < l1Table.withLock({ $0.count }) else {
+        guard l1Index < l1Table.count else {
             throw .corruption("L1 table too small for offset \(guest)")
         }
         guard let (l2Offset, l1Entry, table) = try activeL2(l1Index: l1Index) else {
             let table = L2Table(entries: [UInt64](repeating: 0, count: g.l2Entries * entryWords))
-            let l2Offset = try newL2Table(table, l1Index: l1Index)
+            let l2Offset = try newL2Table(&state, table, l1Index: l1Index)
             return (l2Offset, index, table)
         }
         if l1Entry & EntryBits.copied != 0 { return (l2Offset, index, table) }
@@ -41,7 +41,7 @@ extension QCOW2Device {
             // Only the COPIED flag changes: no ordering to keep.
             try writeMetadata(QCOW2Device.bigEndianBytes(l2Offset | EntryBits.copied),
                               at: header.l1TableOffset + UInt64(l1Index) * 8, what: "L1 entry")
-            l1Table.withLock { $0[l1Index] = l2Offset | EntryBits.copied }
+            state.l1Writer.store(l2Offset | EntryBits.copied, at: l1Index)
             return (l2Offset, index, table)
         }
         // Shared with a snapshot: copy it. Its clusters' refcounts already count
@@ -50,39 +50,41 @@ extension QCOW2Device {
         var entries = table.entries
         for i in stride(from: 0, to: entries.count, by: entryWords) { entries[i] &= ~EntryBits.copied }
         let copy = L2Table(entries: entries)
-        let newOffset = try newL2Table(copy, l1Index: l1Index)
+        let newOffset = try newL2Table(&state, copy, l1Index: l1Index)
         // The old table is no longer active: out of the overlap check, and its
         // reference dropped once the L1 entry naming the copy is durable.
         metadataMap?.remove(l2Offset, length: g.clusterSize)
-        deferred.value.releases.append(l2Offset)  // refcounted even with a data file, unlike guest clusters
+        state.deferred.releases.append(l2Offset)  // refcounted even with a data file, unlike guest clusters
         return (newOffset, index, copy)
     }
 
     /// Allocates a cluster for an L2 table, writes `table` there, syncs, and
     /// points L1 entry `l1Index` at it: a power cut must not leave an L1
     /// entry naming a table whose contents never reached the disk.
-    private func newL2Table(_ table: L2Table, l1Index: Int) throws(DeviceError) -> UInt64 {
-        let offset = try allocateClusters(upTo: 1).host
+    private func newL2Table(_ state: inout MetadataState, _ table: L2Table,
+                            l1Index: Int) throws(DeviceError) -> UInt64 {
+        let offset = try allocateClusters(&state, upTo: 1).host
         metadataMap?.insert(offset, length: geometry.clusterSize)
         do {
             try writeMetadata(table.bytes, at: offset, what: "L2 table")
             try syncImage()
         } catch {
             metadataMap?.remove(offset, length: geometry.clusterSize)
-            unallocate(host: offset, count: 1)
+            unallocate(&state, host: offset, count: 1)
             throw error
         }
         l2Cache.insert(table, at: offset)
         let entry = offset | EntryBits.copied
         try writeMetadata(QCOW2Device.bigEndianBytes(entry), at: header.l1TableOffset + UInt64(l1Index) * 8,
                           what: "L1 entry")
-        l1Table.withLock { $0[l1Index] = entry }
+        state.l1Writer.store(entry, at: l1Index)
         return offset
     }
 
     /// Replaces consecutive L2 entries (entry, bitmap) from `index` with one
-    /// write, on disk and, as a new table object, in the cache.
-    func setL2Entries(l2Offset: UInt64, index: Int, _ newEntries: [(UInt64, UInt64)]) throws(DeviceError) {
+    /// write, on disk and, as a new table object, in the cache. `state` is
+    /// only the proof that the lock is held: two writers of one table would lose an update.
+    func setL2Entries(_ state: borrowing MetadataState, l2Offset: UInt64, index: Int, _ newEntries: [(UInt64, UInt64)]) throws(DeviceError) {
         let table = try l2Cache.table(at: l2Offset) { () throws(DeviceError) in
             try loadL2Table(at: l2Offset, l1Index: 0)
         }

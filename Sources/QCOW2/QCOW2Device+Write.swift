@@ -8,7 +8,7 @@ import SystemIO
 /// in place without holding the metadata lock, so such writes run in
 /// parallel. Anything that changes metadata (allocation, copy-on-write from
 /// a backing file, compressed or snapshot-shared cluster, zero flags, trim)
-/// runs under `metadataLock`, in the order that makes a crash or a power
+/// runs under the metadata lock (`metadataState`), in the order that makes a crash or a power
 /// cut harmless: the new cluster's refcount (synced, from the allocator's
 /// reserve), then its data, then the L2 entry; the release of what the
 /// entry pointed to before waits for the next sync point
@@ -20,12 +20,12 @@ import SystemIO
 /// Writes in place and reads pin their host ranges (`HostRangeGuard`) so a
 /// cluster freed under them is not reused until they finish.
 ///
-/// An allocating write holds `metadataLock` only to decide and allocate and
+/// An allocating write holds the metadata lock only to decide and allocate and
 /// then to update the L2 entry; its copy-on-write read and data write run
 /// unlocked under the cluster's stripe of `clusterLocks`, so different
 /// clusters are allocated in parallel (`writeCluster`). Whole-cluster runs
 /// (`writeWholeClusters`) and extended-L2 subcluster writes still do their
-/// data write under `metadataLock`.
+/// data write under the metadata lock.
 extension QCOW2Device {
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws(DeviceError) {
         try requireWritable(offset: offset, length: UInt64(data.count))
@@ -42,8 +42,8 @@ extension QCOW2Device {
             if guest & (cluster - 1) == 0 && UInt64(rest.count) >= cluster {
                 // Whole clusters: nothing to copy, so a run of them gets one allocation and one pwrite.
                 let whole = Int(UInt64(rest.count) & ~(cluster - 1))
-                let written = try withMetadataLock { () throws(DeviceError) in
-                    try writeWholeClusters(UnsafeRawBufferPointer(rebasing: rest[..<whole]), at: guest)
+                let written = try withMetadataLock { state throws(DeviceError) in
+                    try writeWholeClusters(&state, UnsafeRawBufferPointer(rebasing: rest[..<whole]), at: guest)
                 }
                 if written > 0 {
                     position += written
@@ -60,9 +60,9 @@ extension QCOW2Device {
     public func flush() throws(DeviceError) {
         guard writable else { return }
         do throws(Errno) { try dataFile?.sync() } catch { throw .system(error, "fdatasync of the data file") }
-        try withMetadataLock { () throws(DeviceError) in
-            try writeBackBitmaps()
-            try commit(durable: true)
+        try withMetadataLock { state throws(DeviceError) in
+            try writeBackBitmaps(&state)
+            try commit(&state, durable: true)
         }
     }
 
@@ -176,8 +176,8 @@ extension QCOW2Device {
         guard first < last else { return false }
         let clusterStart = offset & ~(geometry.clusterSize - 1)
         let done = try clusterLock(for: clusterStart).mutex.withLock { _ throws(DeviceError) -> Bool in
-            try withMetadataLock { () throws(DeviceError) -> Bool in
-                try zeroSubclusterBits(in: clusterStart, from: first - clusterStart, to: last - clusterStart)
+            try withMetadataLock { state throws(DeviceError) -> Bool in
+                try zeroSubclusterBits(&state, in: clusterStart, from: first - clusterStart, to: last - clusterStart)
             }
         }
         guard done else { return false }
@@ -252,12 +252,12 @@ extension QCOW2Device {
         }
     }
 
-    /// Runs `body` under the metadata lock. Inconsistent metadata found on the
+    /// Runs `body` under the metadata lock, with the state it guards. Inconsistent metadata found on the
     /// way (`DeviceError.isCorruption`) marks the image corrupt (spec,
     /// incompatible bit 1) and is logged once.
-    func withMetadataLock<T>(_ body: () throws(DeviceError) -> T) throws(DeviceError) -> T {
+    func withMetadataLock<T>(_ body: (inout MetadataState) throws(DeviceError) -> T) throws(DeviceError) -> T {
         do {
-            return try metadataLock.withLock { _ throws(DeviceError) in try body() }
+            return try metadataState.withLock { state throws(DeviceError) in try body(&state) }
         } catch {
             if error.isCorruption && !markedCorrupt.load(ordering: .relaxed) {
                 logger.error("qcow2: metadata is inconsistent; marking the image corrupt",

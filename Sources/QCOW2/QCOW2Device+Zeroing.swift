@@ -20,10 +20,10 @@ extension QCOW2Device {
     /// the caller handles alone under that cluster's lock.
     func zeroClusterRun(from start: UInt64, count: Int, mode: ZeroMode) throws(DeviceError) -> Int {
         let g = geometry
-        return try withMetadataLock { () throws(DeviceError) -> Int in
+        return try withMetadataLock { state throws(DeviceError) -> Int in
             let firstCluster = start >> UInt64(g.clusterBits)
             var handled = 0
-            while handled < count && !pendingClusters.value.contains(firstCluster + UInt64(handled)) { handled += 1 }
+            while handled < count && !state.pendingClusters.contains(firstCluster + UInt64(handled)) { handled += 1 }
             guard handled > 0 else { return 0 }
             // A first look at the current table: allocating or copying it is only worth it if something changes.
             let l1Index = Int(start / g.bytesPerL2)
@@ -36,7 +36,7 @@ extension QCOW2Device {
                                             mode: mode) != nil
             }
             guard anyChange else { return handled }
-            let (l2Offset, first, table) = try writableL2(for: start)
+            let (l2Offset, first, table) = try writableL2(&state, for: start)
             var span: [(UInt64, UInt64)] = []
             var firstChanged = -1, lastChanged = -1
             var released: [(entry: UInt64, guest: UInt64)] = []
@@ -64,11 +64,11 @@ extension QCOW2Device {
                     return handled
                 }
             }
-            try setL2Entries(l2Offset: l2Offset, index: first + firstChanged, Array(span[firstChanged...lastChanged]))
+            try setL2Entries(state, l2Offset: l2Offset, index: first + firstChanged, Array(span[firstChanged...lastChanged]))
             for (entry, guest) in released {
-                try release(entry)
+                try release(&state, entry)
                 if entry & EntryBits.offsetMask != 0 || entry & EntryBits.copied != 0 {
-                    discardInDataFile(at: guest, length: g.clusterSize)
+                    discardInDataFile(state, at: guest, length: g.clusterSize)
                 }
             }
             return handled
@@ -119,13 +119,14 @@ extension QCOW2Device {
     /// Sets the zero bits (and clears the allocation bits) of the subclusters
     /// covering bytes [from, to) of the extended-L2 cluster at `clusterStart`;
     /// the host cluster, if any, is kept. False for a compressed cluster.
-    func zeroSubclusterBits(in clusterStart: UInt64, from: UInt64, to: UInt64) throws(DeviceError) -> Bool {
-        let (l2Offset, index, table) = try writableL2(for: clusterStart)
+    func zeroSubclusterBits(_ state: inout MetadataState, in clusterStart: UInt64, from: UInt64,
+                            to: UInt64) throws(DeviceError) -> Bool {
+        let (l2Offset, index, table) = try writableL2(&state, for: clusterStart)
         let entry = table.entries[index * 2], bitmap = table.entries[index * 2 + 1]
         guard entry & EntryBits.compressed == 0 else { return false }
         let firstUnit = from >> UInt64(geometry.unitBits), count = (to - from) >> UInt64(geometry.unitBits)
         let mask = (count == 32 ? 0xFFFF_FFFF : ((UInt64(1) << count) - 1)) << firstUnit
-        try setL2Entries(l2Offset: l2Offset, index: index, [(entry, (bitmap & ~mask) | (mask << 32))])
+        try setL2Entries(state, l2Offset: l2Offset, index: index, [(entry, (bitmap & ~mask) | (mask << 32))])
         return true
     }
 }

@@ -26,34 +26,37 @@ public final class QCOW2Device: BlockDevice {
     /// file behind the overlap check (`OverlapGuardedFile`).
     let dataTarget: any PositionalFile
     let geometry: Geometry
-    /// The active (or selected snapshot's) L1 table, entries in host order.
-    /// Writers replace entries under `metadataLock` and then this lock.
-    let l1Table: Mutex<[UInt64]>
+    /// The active (or selected snapshot's) L1 table; changed only through
+    /// `MetadataState.l1Writer`.
+    let l1Table: ActiveL1Table
     /// Whether writes are accepted (read-write open, no snapshot selected).
     let writable: Bool
-    /// Serialises every metadata change: L1/L2 updates, refcounts, allocation.
+    /// Refcounts, allocator, pending allocations, deferred releases and the
+    /// L1 writer; every metadata change (L1/L2 updates, allocation) runs
+    /// inside its lock (`withMetadataLock`).
     ///
-    /// Lock order, outermost first: a `clusterLocks` stripe, `metadataLock`,
-    /// then any of `l1Table`, `hostRanges`, a `MetadataCache` stripe or the
-    /// `MetadataMap` (leaf locks, never held while taking another).
-    let metadataLock = Mutex(())
-    /// Refcounts and the allocator; only touched under `metadataLock`. Nil when read-only.
-    let refcounts: RefcountManager?
+    /// Lock order, outermost first: a `clusterLocks` stripe, `metadataState`,
+    /// then any of `l1Table`, `hostRanges`, a `MetadataCache` stripe, the
+    /// `MetadataMap` or a bitmap's state (leaf locks, never held while
+    /// taking another).
+    let metadataState: Mutex<MetadataState>
+    /// The allocator's counters, for statistics read without the lock. Nil when read-only.
+    let allocationCounters: AllocationCounters?
     /// Host clusters holding metadata, which guest data writes must never touch. Nil when read-only.
     let metadataMap: MetadataMap?
-    /// Host ranges read or written in place outside `metadataLock`; the
+    /// Host ranges read or written in place outside the metadata lock; the
     /// allocator never hands them out, even if freed meanwhile.
-    let hostRanges = HostRangeGuard()
+    let hostRanges: HostRangeGuard
     /// Set when metadata was found inconsistent while writing; writes are then refused.
     let markedCorrupt = Atomic(false)
+    /// Whether the header's dirty bit is set (lazy refcounts). Changed only
+    /// under the metadata lock, but outside `MetadataState`: `markCorrupt`
+    /// rewrites the feature bits from the overlap check, which runs with or
+    /// without the lock held.
+    let dirtyBitSet = Atomic(false)
     /// Stripes of per-guest-cluster locks: a cluster being allocated, zeroed or
-    /// trimmed holds its stripe, taken before `metadataLock`.
+    /// trimmed holds its stripe, taken before the metadata lock.
     let clusterLocks: [ClusterLock] = (0..<64).map { _ in ClusterLock() }
-    /// Guest clusters whose allocation is under way (see `writeCluster`); only
-    /// touched under `metadataLock`.
-    let pendingClusters = LockedState<Set<UInt64>>([])
-    /// Metadata writes waiting for a sync point (see `commit`); under `metadataLock`.
-    let deferred = LockedState(DeferredMetadata())
     let backing: (any BlockDevice)?
     /// Paths of the backing chain below this image, nearest first.
     public let backingChain: [String]
@@ -195,9 +198,17 @@ public final class QCOW2Device: BlockDevice {
             self.geometry = geometry
             self.snapshots = snapshots
             self.size = size
-            self.l1Table = Mutex(l1Table)
+            let activeL1 = ActiveL1Table(l1Table)
+            self.l1Table = activeL1
             self.writable = writable
-            self.refcounts = refcounts
+            // The allocator skips metadata and ranges with I/O in flight outside the lock.
+            let hostRanges = HostRangeGuard(), clusterSize = geometry.clusterSize
+            self.hostRanges = hostRanges
+            refcounts?.isUnavailable = { host in
+                metadataMap?.contains(cluster: host) == true || hostRanges.isPinned(host..<host + clusterSize)
+            }
+            self.allocationCounters = refcounts?.counters
+            self.metadataState = Mutex(MetadataState(refcounts: refcounts, l1Writer: L1Writer(table: activeL1)))
             self.backing = backingDevice
             self.bitmaps = bitmaps
             self.l2Cache = L2Cache(shared: cache, owner: cacheOwner)
@@ -219,11 +230,6 @@ public final class QCOW2Device: BlockDevice {
                 marker.device = self
             } else {
                 self.dataTarget = dataFile ?? file
-            }
-            let clusterSize = geometry.clusterSize
-            refcounts?.isUnavailable = { [unowned self] host in
-                metadataMap?.contains(cluster: host) == true
-                    || self.hostRanges.isPinned(host..<host + clusterSize)
             }
             if chain.count == 1 {
                 options.logger.info("qcow2 image opened", metadata: [
@@ -319,10 +325,4 @@ final class CorruptionMarker: @unchecked Sendable {
 /// One stripe of `QCOW2Device.clusterLocks`.
 final class ClusterLock: Sendable {
     let mutex = Mutex(())
-}
-
-/// State guarded by a lock its owner holds (here `metadataLock`), not by itself.
-final class LockedState<Value>: @unchecked Sendable {
-    var value: Value
-    init(_ value: Value) { self.value = value }
 }

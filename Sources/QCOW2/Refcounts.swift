@@ -41,9 +41,16 @@ enum RefcountEntry {
     static func maximum(order: Int) -> UInt64 { order == 6 ? .max : (1 << UInt64(1 << order)) - 1 }
 }
 
+/// Clusters the allocator handed out and clusters whose refcount reached zero.
+final class AllocationCounters: Sendable {
+    let allocated = Atomic<UInt64>(0)
+    let freed = Atomic<UInt64>(0)
+}
+
 /// The refcount table and blocks of a writable image, and the cluster
-/// allocator built on them. Not thread-safe: every use is under the
-/// device's metadata lock.
+/// allocator built on them. Not thread-safe: a device reaches it only
+/// through its `MetadataState`, inside the metadata lock. (`@unchecked`
+/// so that the state can live in a `Mutex`.)
 ///
 /// Power-loss order (spec, "Host cluster management"; qemu orders its
 /// caches the same way): a refcount block is on disk (synced) before the
@@ -74,11 +81,25 @@ final class RefcountManager: @unchecked Sendable {
     var isUnavailable: (UInt64) -> Bool = { _ in false }
     /// Metadata clusters this manager creates or frees (refcount blocks and tables).
     let metadata: MetadataMap?
-    /// Set when a refcount table move failed half-way; refcounts are then left alone.
+    /// Set when a refcount table move failed after the header may name the
+    /// new table; refcounts are then left alone.
     private var broken = false
-    /// Clusters `allocate` handed out and clusters whose refcount reached zero, for metrics.
-    let allocatedClusters = Atomic<UInt64>(0)
-    let freedClusters = Atomic<UInt64>(0)
+    /// While a table move runs: what it changed, so that a failure before the
+    /// header names the new table can be undone.
+    private var moveLog: MoveLog?
+
+    private struct MoveLog {
+        /// Refcounts set, with the value before, in order.
+        var changed: [(host: UInt64, previous: UInt64)] = []
+        /// Refcount blocks created (named only by the new table).
+        var createdBlocks: [UInt64] = []
+        /// Where the new table goes, once chosen.
+        var newTable: Range<UInt64>?
+        /// The header write was attempted: the new table may be live.
+        var headerWritten = false
+    }
+    /// Read for metrics without the lock.
+    let counters = AllocationCounters()
 
     /// A run of clusters whose refcount is already 1. `fresh` runs lie past
     /// anything ever written, so they read as zeros.
@@ -178,6 +199,7 @@ final class RefcountManager: @unchecked Sendable {
             _ = RefcountEntry.set(&block.bytes, index: index, order: order, value: previous)
             throw error
         }
+        moveLog?.changed.append((host, previous))
         if value == 0 { freeCursor = min(freeCursor, cluster) }
     }
 
@@ -191,7 +213,7 @@ final class RefcountManager: @unchecked Sendable {
         }
         let value = delta < 0 ? current - UInt64(-delta) : current + UInt64(delta)
         try setRefcount(of: host, to: value)
-        if delta < 0 && value == 0 { freedClusters.add(1, ordering: .relaxed) }
+        if delta < 0 && value == 0 { counters.freed.add(1, ordering: .relaxed) }
         return value
     }
 
@@ -208,7 +230,7 @@ final class RefcountManager: @unchecked Sendable {
             reserve[0].first += n
             reserve[0].count -= n
         }
-        allocatedClusters.add(n, ordering: .relaxed)
+        counters.allocated.add(n, ordering: .relaxed)
         return (run.first << UInt64(clusterBits), Int(n), run.fresh)
     }
 
@@ -216,7 +238,7 @@ final class RefcountManager: @unchecked Sendable {
     /// the reserve; their refcount is still 1 and nothing points at them.
     func giveBack(host: UInt64, count: Int) {
         reserve.insert(Run(first: host >> UInt64(clusterBits), count: UInt64(count), fresh: false), at: 0)
-        allocatedClusters.subtract(UInt64(count), ordering: .relaxed)
+        counters.allocated.subtract(UInt64(count), ordering: .relaxed)
     }
 
     var reserveIsEmpty: Bool { reserve.isEmpty }
@@ -344,18 +366,50 @@ final class RefcountManager: @unchecked Sendable {
             throw error
         }
         table[Int(tableIndex)] = blockOffset
+        moveLog?.createdBlocks.append(blockOffset)
         return blockOffset
     }
 
-    /// Moves the refcount table to a larger copy at the end of the file. If
-    /// any write of the move fails, memory and disk may disagree on which
-    /// table is live, so refcounts are not touched again this session.
+    /// Moves the refcount table to a larger copy at the end of the file. A
+    /// failure before the header names the copy (the disk filling up) is
+    /// undone, so the old table stays live and nothing leaks. After that,
+    /// memory and disk may disagree on which table is live, so refcounts are
+    /// not touched again this session.
     private func growTable(toCover tableIndex: UInt64) throws(DeviceError) {
+        // A move within a move (unlikely: the copy leaves room) is not undone on its own.
+        let outermost = moveLog == nil
+        let before = (tableOffset: tableOffset, table: table, fileEnd: fileEnd)
+        if outermost { moveLog = MoveLog() }
+        defer { if outermost { moveLog = nil } }
         do {
             try moveTable(toCover: tableIndex)
         } catch {
+            if outermost, !broken, let log = moveLog, !log.headerWritten,
+               (try? undoMove(log, tableOffset: before.tableOffset, table: before.table,
+                              fileEnd: before.fileEnd)) != nil {
+                throw error
+            }
             broken = true
             throw error
+        }
+    }
+
+    /// Puts memory and disk back as before a table move that failed before
+    /// the header named the new table. Refcounts in blocks the old table names
+    /// get their old values; blocks the move created are dropped whole (only
+    /// the new table names them), as is the new table.
+    private func undoMove(_ log: MoveLog, tableOffset oldOffset: UInt64, table oldTable: [UInt64],
+                          fileEnd oldFileEnd: UInt64) throws(DeviceError) {
+        if let new = log.newTable { metadata?.remove(new.lowerBound, length: new.upperBound - new.lowerBound) }
+        for block in log.createdBlocks {
+            metadata?.remove(block, length: clusterSize)
+            cache.remove(cacheKey(block))
+        }
+        (tableOffset, table, fileEnd) = (oldOffset, oldTable, oldFileEnd)
+        for (host, previous) in log.changed.reversed() {
+            let tableIndex = (host >> UInt64(clusterBits)) / entriesPerBlock
+            guard tableIndex < UInt64(table.count), table[Int(tableIndex)] & EntryBits.offsetMask != 0 else { continue }
+            try setRefcount(of: host, to: previous)
         }
     }
 
@@ -373,6 +427,7 @@ final class RefcountManager: @unchecked Sendable {
         table += [UInt64](repeating: 0, count: Int(newClusters * clusterSize / 8) - table.count)
         tableOffset = newOffset
         metadata?.insert(newOffset, length: newClusters * clusterSize)
+        moveLog?.newTable = newOffset..<newOffset + newClusters * clusterSize
         // Count the new table's clusters; any blocks this creates land after it.
         for i in 0..<newClusters { try setRefcount(of: newOffset + i * clusterSize, to: 1) }
         var bytes: [UInt8] = []
@@ -380,6 +435,7 @@ final class RefcountManager: @unchecked Sendable {
         for entry in table { bytes += QCOW2Device.bigEndianBytes(entry) }
         try write(bytes, at: newOffset, what: "refcount table")
         try sync()  // the new table and its refcounts before the header names it
+        moveLog?.headerWritten = true
         // The header switch is one 12-byte write: offset and cluster count together.
         try write(QCOW2Device.bigEndianBytes(newOffset) + QCOW2Device.bigEndianBytes(UInt32(newClusters)),
                   at: 48, what: "header")

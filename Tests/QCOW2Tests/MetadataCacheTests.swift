@@ -77,7 +77,7 @@ import Testing
             most = max(most, cache.usedBytes)
         }
         // The workload's L2 tables alone (~300) are three times the budget.
-        let tables = device.l1Table.withLock { $0.filter { $0 != 0 }.count }
+        let tables = device.l1Table.snapshot.filter { $0 != 0 }.count
         #expect(tables * (512 + MetadataCache.entryOverhead) > 3 * budget)
         try Q.expectSameContents(device, model)
         most = max(most, cache.usedBytes)
