@@ -45,7 +45,7 @@ extension QCOW2Device {
         let within = offset % g.bytesPerL2
         let length = min(limit, g.bytesPerL2 - within)
         let l1Index = Int(offset / g.bytesPerL2)
-        let tableOffset = l1Table.withLock { l1Index < $0.count ? $0[l1Index] : 0 } & EntryBits.offsetMask
+        let tableOffset = l1Table.entry(at: l1Index) & EntryBits.offsetMask
         guard tableOffset != 0 else { return (.unallocated, length) }
         guard tableOffset & (g.clusterSize - 1) == 0, let table = l2Cache.cachedTable(at: tableOffset) else {
             return nil
