@@ -405,8 +405,8 @@ def main():
     for spec in args.also:
         name, _, path = spec.partition("=")
         EXTRA_BUILDS.append((name, os.path.abspath(path)))
-    if not os.path.exists(SWIFTNBD):
-        subprocess.run(["swift", "build", "-c", "release", "--product", "swiftnbd"], cwd=ROOT, check=True)
+    # Always: a release binary left from an older tree would be measured as this one.
+    subprocess.run(["swift", "build", "-c", "release", "--product", "swiftnbd"], cwd=ROOT, check=True)
     size = int(size_gib * GIB) // MIB * MIB
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
