@@ -47,31 +47,32 @@ public final class SnapshotOverlayDevice: BlockDevice, @unchecked Sendable {
     }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(DeviceError) {
-        var done: UInt64 = 0
-        let total = UInt64(buffer.count)
-        while done < total {
-            let position = offset + done
-            let inOverlay = isCopied(position / blockSize)
-            // Extend over following blocks in the same state: one read per run.
-            var end = min((position / blockSize + 1) * blockSize, offset + total)
-            while end < offset + total && isCopied(end / blockSize) == inOverlay {
-                end = min(end + blockSize, offset + total)
-            }
-            let part = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(done)..<Int(end - offset)])
+        _ = try forEachRun(of: buffer, at: offset) { (inOverlay, part, position) throws(DeviceError) in
             if inOverlay {
-                do { try overlay.read(into: part, at: position, zeroFillPastEOF: true) } catch {
+                do throws(Errno) { try overlay.read(into: part, at: position, zeroFillPastEOF: true) } catch {
                     throw DeviceError(errno: error, "reading the snapshot overlay")
                 }
             } else {
                 try base.read(into: part, at: position)
             }
-            done = end - offset
+            return true
         }
     }
 
-    /// As `read`, block run by block run, from the overlay's cached pages or the base's `readIfCached`.
+    /// As `read`, from the overlay's cached pages or the base's `readIfCached`.
     public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
         guard offset <= size, UInt64(buffer.count) <= size - offset else { return false }
+        return forEachRun(of: buffer, at: offset) { inOverlay, part, position in
+            inOverlay ? overlay.readIfCached(into: part, at: position) : base.readIfCached(into: part, at: position)
+        }
+    }
+
+    /// Calls `body` once per run of blocks that are all in the overlay or all not, so
+    /// each run is one read; stops, returning false, when `body` does.
+    private func forEachRun<E: Error>(
+        of buffer: UnsafeMutableRawBufferPointer, at offset: UInt64,
+        _ body: (_ inOverlay: Bool, _ part: UnsafeMutableRawBufferPointer, _ position: UInt64) throws(E) -> Bool
+    ) throws(E) -> Bool {
         var done: UInt64 = 0
         let total = UInt64(buffer.count)
         while done < total {
@@ -82,8 +83,7 @@ public final class SnapshotOverlayDevice: BlockDevice, @unchecked Sendable {
                 end = min(end + blockSize, offset + total)
             }
             let part = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(done)..<Int(end - offset)])
-            guard inOverlay ? overlay.readIfCached(into: part, at: position) : base.readIfCached(into: part, at: position)
-            else { return false }
+            guard try body(inOverlay, part, position) else { return false }
             done = end - offset
         }
         return true
