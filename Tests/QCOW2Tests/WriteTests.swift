@@ -417,7 +417,8 @@ extension DirtyRepairTests {
 /// file's first cluster (host offset 0) is then rewritten like any other.
 @Suite struct RawDataFileTrimTests {
     // A lost cluster-0 write once left the cluster marked as being allocated, and the next trim spun on it.
-    @Test(.timeLimit(.minutes(1)))
+    // The limit counts from when the test is scheduled, so it leaves room for a busy test pool.
+    @Test(.timeLimit(.minutes(10)))
     func trimmedClustersReadAsZerosAndTakeWritesAgain() throws {
         let dir = try TemporaryDirectory("qcow2-raw-trim")
         let dataPath = dir.file("image.data")
