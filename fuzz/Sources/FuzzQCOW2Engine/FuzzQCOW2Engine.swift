@@ -40,7 +40,7 @@ private func open(_ file: MemoryFile, writable: Bool, snapshot: String?, smallCa
         guard path == imagePath else { throw Errno.permission }
         return file
     }
-    let options = QCOW2Options(l2CacheBytes: smallCache ? 4096 : 1 << 20, snapshot: snapshot, maxBackingDepth: 1,
+    let options = QCOW2Options(cacheBytes: smallCache ? 4096 : 1 << 20, snapshot: snapshot, maxBackingDepth: 1,
                                allowedDirectories: ["/nonexistent-fuzz"], opener: opener)
     return try? QCOW2Device(path: imagePath, readOnly: !writable, options: options)
 }
