@@ -105,11 +105,7 @@ extension QCOW2Device {
 
     /// Writes metadata to the image file (never overlap-checked: it is the metadata).
     func writeMetadata(_ bytes: [UInt8], at offset: UInt64, what: String) throws(DeviceError) {
-        do throws(Errno) {
-            try file.write(bytes: bytes, at: offset)
-        } catch {
-            throw .system(error, "writing qcow2 \(what) at \(offset)")
-        }
+        try file.writeMetadata(bytes, at: offset, what: what)
     }
 
     /// Makes the guest data written so far durable.
@@ -152,5 +148,17 @@ extension L2Table {
         out.reserveCapacity(entries.count * 8)
         for e in entries { out += QCOW2Device.bigEndianBytes(e) }
         return out
+    }
+}
+
+extension PositionalFile {
+    /// Writes qcow2 metadata, naming what it is in the error; shared by the
+    /// device and the refcount manager, which own the same image file.
+    func writeMetadata(_ bytes: [UInt8], at offset: UInt64, what: String) throws(DeviceError) {
+        do throws(Errno) {
+            try write(bytes: bytes, at: offset)
+        } catch {
+            throw .system(error, "writing qcow2 \(what) at \(offset)")
+        }
     }
 }

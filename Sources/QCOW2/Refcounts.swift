@@ -193,7 +193,8 @@ final class RefcountManager: @unchecked Sendable {
         let previous = RefcountEntry.get(block.bytes, index: index, order: order)
         let changed = RefcountEntry.set(&block.bytes, index: index, order: order, value: value)
         do {
-            try write(Array(block.bytes[changed]), at: blockOffset + UInt64(changed.lowerBound), what: "refcount")
+            try file.writeMetadata(Array(block.bytes[changed]), at: blockOffset + UInt64(changed.lowerBound),
+                                   what: "refcount")
         } catch {
             // Keep memory equal to the disk, so a failed write (ENOSPC, EIO) leaves nothing inconsistent.
             _ = RefcountEntry.set(&block.bytes, index: index, order: order, value: previous)
@@ -348,7 +349,7 @@ final class RefcountManager: @unchecked Sendable {
         }
         metadata?.insert(blockOffset, length: clusterSize)
         do {
-            try write(bytes, at: blockOffset, what: "refcount block")
+            try file.writeMetadata(bytes, at: blockOffset, what: "refcount block")
         } catch {
             // Disk full: the block's cluster was counted but nothing names it; uncount it.
             metadata?.remove(blockOffset, length: clusterSize)
@@ -358,7 +359,8 @@ final class RefcountManager: @unchecked Sendable {
         cache.update(.refcounts(RefcountBlock(bytes)), for: cacheKey(blockOffset))
         do {
             try sync()  // the block (and its own refcount) before the table entry naming it
-            try write(QCOW2Device.bigEndianBytes(blockOffset), at: tableOffset + tableIndex * 8, what: "refcount table")
+            try file.writeMetadata(QCOW2Device.bigEndianBytes(blockOffset), at: tableOffset + tableIndex * 8,
+                                   what: "refcount table")
         } catch {
             cache.remove(cacheKey(blockOffset))  // memory stays equal to the disk: no block for this range
             metadata?.remove(blockOffset, length: clusterSize)
@@ -433,23 +435,15 @@ final class RefcountManager: @unchecked Sendable {
         var bytes: [UInt8] = []
         bytes.reserveCapacity(table.count * 8)
         for entry in table { bytes += QCOW2Device.bigEndianBytes(entry) }
-        try write(bytes, at: newOffset, what: "refcount table")
+        try file.writeMetadata(bytes, at: newOffset, what: "refcount table")
         try sync()  // the new table and its refcounts before the header names it
         moveLog?.headerWritten = true
         // The header switch is one 12-byte write: offset and cluster count together.
-        try write(QCOW2Device.bigEndianBytes(newOffset) + QCOW2Device.bigEndianBytes(UInt32(newClusters)),
+        try file.writeMetadata(QCOW2Device.bigEndianBytes(newOffset) + QCOW2Device.bigEndianBytes(UInt32(newClusters)),
                   at: 48, what: "header")
         try sync()  // the header before the old table is freed and maybe reused
         metadata?.remove(oldOffset, length: oldClusters * clusterSize)
         for i in 0..<oldClusters { try adjustRefcount(of: oldOffset + i * clusterSize, by: -1) }
-    }
-
-    private func write(_ bytes: [UInt8], at offset: UInt64, what: String) throws(DeviceError) {
-        do throws(Errno) {
-            try file.write(bytes: bytes, at: offset)
-        } catch {
-            throw .system(error, "writing qcow2 \(what) at \(offset)")
-        }
     }
 
     func sync() throws(DeviceError) {
