@@ -71,7 +71,7 @@ let package = Package(
                     swiftSettings: swiftSettings),
         .testTarget(name: "SwiftNBDKitTests", dependencies: ["SwiftNBDKit", "NBDServer", "TLS", "SystemIO"],
                     swiftSettings: swiftSettings),
-        .testTarget(name: "NBDMetricsTests", dependencies: ["NBDMetrics", "NBDServer", "NBDProtocol", "BlockDevice"],
+        .testTarget(name: "NBDMetricsTests", dependencies: ["NBDMetrics", "NBDServer", "NBDProtocol", "BlockDevice", "SystemIO"],
                     swiftSettings: swiftSettings),
         .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "BlockDevice", "SystemIO", "TestSupport",
                                                 .product(name: "Logging", package: "swift-log")],

@@ -3,7 +3,7 @@ import CoreMetrics
 import NBDProtocol
 import NBDServer
 import Prometheus
-import Synchronization
+import SystemIO
 
 /// The metrics of one export, as swift-metrics handles on a swift-prometheus
 /// registry. Every handle is made here, once: the request path indexes
@@ -192,6 +192,6 @@ public final class ExportMetrics: ServerObserver, Sendable {
 
 /// The last statistics published, behind a lock: touched only when the file is written.
 final class LockedStatistics: Sendable {
-    private let state = Mutex(DeviceStatistics())
+    private let state = Locked(DeviceStatistics())
     func update(_ body: (inout DeviceStatistics) -> Void) { state.withLock { body(&$0) } }
 }

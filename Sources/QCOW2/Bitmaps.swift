@@ -1,5 +1,4 @@
 import BlockDevice
-import Synchronization
 import SystemIO
 
 /// One entry of the bitmap directory (spec, "Bitmap directory").
@@ -79,13 +78,13 @@ final class PersistentBitmap: Sendable {
         var changed: Set<Int> = []
     }
     /// A leaf lock: never held while taking another.
-    let state: Mutex<State>
+    let state: Locked<State>
 
     init(entry: BitmapDirectoryEntry, tracked: Bool, bytes: [UInt8], table: [UInt64]) {
         self.entry = entry
         self.tracked = tracked
         self.granularityBits = Int(entry.granularityBits)
-        self.state = Mutex(State(bytes: bytes, table: table))
+        self.state = Locked(State(bytes: bytes, table: table))
     }
 
     /// Sets the bits of every granule `length` bytes at `offset` touch.

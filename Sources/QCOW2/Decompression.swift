@@ -1,6 +1,6 @@
 import CZlib
 import CZstd
-import Synchronization
+import SystemIO
 
 /// Decompression of one compressed cluster. Runs on the calling thread, so
 /// any number of requests decompress in parallel; only the reuse of stream
@@ -60,7 +60,7 @@ enum Decompression {
 /// Idle stream states, reused across requests; at most `limit` are kept.
 private final class Pool<Item>: Sendable {
     private struct Items: @unchecked Sendable { var items: [Item] = [] }
-    private let idle = Mutex(Items())
+    private let idle = Locked(Items())
     private let limit = 64
     private let make: @Sendable () -> Item?
     private let reset: @Sendable (Item) -> Bool

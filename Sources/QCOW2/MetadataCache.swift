@@ -1,4 +1,5 @@
 import Synchronization
+import SystemIO
 
 /// A refcount block as cached. Its owner (`RefcountManager`, under the
 /// device's metadata lock) changes the bytes in place and writes every
@@ -116,7 +117,7 @@ final class MetadataCache: Sendable {
     }
 
     private final class Stripe: Sendable {
-        let ring = Mutex(Ring())
+        let ring = Locked(Ring())
     }
 
     /// The most memory the cache may hold, in the units of `CachedTable.cost`.

@@ -1,4 +1,4 @@
-import Synchronization
+import SystemIO
 
 /// Everything a metadata change reads and writes besides the files and the
 /// shared caches: the refcounts and allocator, the guest clusters being
@@ -22,9 +22,9 @@ struct MetadataState: ~Copyable {
 /// order. Anyone reads it (a leaf lock); only `L1Writer`, which lives in
 /// `MetadataState`, changes it.
 final class ActiveL1Table: Sendable {
-    private let entries: Mutex<[UInt64]>
+    private let entries: Locked<[UInt64]>
 
-    init(_ entries: [UInt64]) { self.entries = Mutex(entries) }
+    init(_ entries: [UInt64]) { self.entries = Locked(entries) }
 
     /// Entry `index`, or 0 (unallocated) past the end of the table.
     func entry(at index: Int) -> UInt64 { entries.withLock { index < $0.count ? $0[index] : 0 } }

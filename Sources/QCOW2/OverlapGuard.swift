@@ -1,4 +1,3 @@
-import Synchronization
 import SystemIO
 
 /// The host clusters of the image file that hold metadata: the header, the
@@ -9,7 +8,7 @@ import SystemIO
 /// One bit per host cluster, so its memory is 1/(8 x cluster size) of the
 /// image file: 3 MiB for a 100 GiB file of 512-byte clusters.
 final class MetadataMap: Sendable {
-    private let bits = Mutex<[UInt64]>([])
+    private let bits = Locked<[UInt64]>([])
     let clusterBits: Int
 
     init(clusterBits: Int) { self.clusterBits = clusterBits }

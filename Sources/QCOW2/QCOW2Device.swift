@@ -39,7 +39,7 @@ public final class QCOW2Device: BlockDevice {
     /// then any of `l1Table`, `hostRanges`, a `MetadataCache` stripe, the
     /// `MetadataMap` or a bitmap's state (leaf locks, never held while
     /// taking another).
-    let metadataState: Mutex<MetadataState>
+    let metadataState: Locked<MetadataState>
     /// The allocator's counters, for statistics read without the lock. Nil when read-only.
     let allocationCounters: AllocationCounters?
     /// Host clusters holding metadata, which guest data writes must never touch. Nil when read-only.
@@ -208,7 +208,7 @@ public final class QCOW2Device: BlockDevice {
                 metadataMap?.contains(cluster: host) == true || hostRanges.isPinned(host..<host + clusterSize)
             }
             self.allocationCounters = refcounts?.counters
-            self.metadataState = Mutex(MetadataState(refcounts: refcounts, l1Writer: L1Writer(table: activeL1)))
+            self.metadataState = Locked(MetadataState(refcounts: refcounts, l1Writer: L1Writer(table: activeL1)))
             self.backing = backingDevice
             self.bitmaps = bitmaps
             self.l2Cache = L2Cache(shared: cache, owner: cacheOwner)
@@ -324,5 +324,5 @@ final class CorruptionMarker: @unchecked Sendable {
 
 /// One stripe of `QCOW2Device.clusterLocks`.
 final class ClusterLock: Sendable {
-    let mutex = Mutex(())
+    let mutex = Locked(())
 }

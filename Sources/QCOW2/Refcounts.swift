@@ -50,7 +50,7 @@ final class AllocationCounters: Sendable {
 /// The refcount table and blocks of a writable image, and the cluster
 /// allocator built on them. Not thread-safe: a device reaches it only
 /// through its `MetadataState`, inside the metadata lock. (`@unchecked`
-/// so that the state can live in a `Mutex`.)
+/// so that the state can live in a `Locked`.)
 ///
 /// Power-loss order (spec, "Host cluster management"; qemu orders its
 /// caches the same way): a refcount block is on disk (synced) before the

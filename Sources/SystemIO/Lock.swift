@@ -2,8 +2,38 @@
 import Glibc
 #endif
 
+/// A value only reachable under its lock, as `Synchronization.Mutex`, but on a
+/// pthread mutex: on Linux `Synchronization.Mutex` waits on a futex by direct
+/// syscall, which ThreadSanitizer cannot see, so accesses it orders were
+/// reported as races whenever two threads contended (CI failed on one).
+/// ThreadSanitizer knows pthread mutexes, so with this type its reports are real.
+public final class Locked<Value: ~Copyable>: @unchecked Sendable {
+    @usableFromInline let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    // Exclusive access is what the mutex provides; a dynamic check would only add cost.
+    @usableFromInline @exclusivity(unchecked) var value: Value
+
+    public init(_ value: consuming sending Value) {
+        self.value = value
+        pthread_mutex_init(mutex, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    @inlinable
+    public func withLock<Result: ~Copyable, E: Error>(
+        _ body: (inout sending Value) throws(E) -> sending Result
+    ) throws(E) -> sending Result {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body(&value)
+    }
+}
+
 /// A plain mutex for state shared between Dispatch threads, where a value
-/// isn't Sendable (raw buffers) and so can't live in `Synchronization.Mutex`.
+/// isn't Sendable (raw buffers) and so can't live in `Locked`.
 public final class Lock: @unchecked Sendable {
     let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
 

@@ -1,7 +1,7 @@
 import BlockDevice
 import NBDProtocol
 import NBDServer
-import Synchronization
+import SystemIO
 import Testing
 @testable import NBDMetrics
 
@@ -69,7 +69,7 @@ import Testing
     }
 
     final class FakeEngine: DeviceStatisticsSource {
-        let current = Mutex(DeviceStatistics())
+        let current = Locked(DeviceStatistics())
         var statistics: DeviceStatistics { current.withLock { $0 } }
     }
 

@@ -1,6 +1,5 @@
 import NBDProtocol
 @testable import NBDServer
-import Synchronization
 import SystemIO
 import Testing
 
@@ -11,7 +10,7 @@ import Testing
     @Test func failedComesBeforeTheLastFinished() throws {
         let (ours, theirs) = try Socket.pair()
         theirs.close()
-        let events = Mutex<[String]>([])
+        let events = Locked<[String]>([])
         let writer = ReplyWriter(transport: .plain(ours), name: "test-send", finished: { _ in
             events.withLock { $0.append("finished") }
         }, failed: { _ in

@@ -16,7 +16,7 @@ import Testing
         let expected = try Q.qemuRaw(top, scratch: dir)
         let device = try QCOW2Device(path: top, readOnly: true, options: QCOW2Options(cacheBytes: 4 * 512))
         defer { device.close() }
-        let failures = Mutex(0)
+        let failures = Locked(0)
         DispatchQueue.concurrentPerform(iterations: 8) { worker in
             var rng = SplitMix(seed: UInt64(worker) + 99)
             var buffer = [UInt8](repeating: 0, count: 128 * 1024)

@@ -2,7 +2,6 @@ import BlockDevice
 import Foundation
 import Logging
 @testable import QCOW2
-import Synchronization
 import SystemIO
 import TestSupport
 import Testing
@@ -35,7 +34,7 @@ import Testing
 
     /// Collects log lines, to see the refusal reported.
     final class Lines: LogHandler, @unchecked Sendable {
-        let lines = Mutex<[String]>([])
+        let lines = Locked<[String]>([])
         var metadata: Logger.Metadata = [:]
         var logLevel: Logger.Level = .trace
         subscript(metadataKey key: String) -> Logger.Metadata.Value? {

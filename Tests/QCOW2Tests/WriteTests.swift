@@ -2,7 +2,7 @@ import BlockDevice
 import Dispatch
 import Foundation
 @testable import QCOW2
-import Synchronization
+import SystemIO
 import TestSupport
 import Testing
 
@@ -209,7 +209,7 @@ import Testing
         let device = try QCOW2Device(path: path, readOnly: false)
         let threads = 4, block = 4096
         let blocks = model.count / block
-        let failures = Mutex(0)
+        let failures = Locked(0)
         DispatchQueue.concurrentPerform(iterations: threads) { t in
             for b in stride(from: t, to: blocks, by: threads) {
                 let bytes = [UInt8](repeating: UInt8(t * 50 + b % 50), count: block)
@@ -304,7 +304,7 @@ extension DirtyRepairTests {
     }
 
     final class ReadCounter: Sendable {
-        private let counts = Mutex<[UInt64: Int]>([:])
+        private let counts = Locked<[UInt64: Int]>([:])
         func count(_ offset: UInt64) { counts.withLock { $0[offset, default: 0] += 1 } }
         var most: (offset: UInt64, reads: Int) {
             counts.withLock { $0.max { $0.value < $1.value }.map { ($0.key, $0.value) } ?? (0, 0) }
@@ -352,8 +352,8 @@ extension DirtyRepairTests {
         let threads = 4
         let slice = (initial.count / threads) & ~4095 + 1234  // deliberately unaligned
         let bounds = (0...threads).map { min($0 * slice, initial.count) }.enumerated().map { $0.offset == threads ? initial.count : $0.element }
-        let results = Mutex<[Int: [UInt8]]>([:])
-        let failures = Mutex<[String]>([])
+        let results = Locked<[Int: [UInt8]]>([:])
+        let failures = Locked<[String]>([])
         DispatchQueue.concurrentPerform(iterations: threads) { t in
             let lower = bounds[t], upper = bounds[t + 1]
             var model = Array(initial[lower..<upper])

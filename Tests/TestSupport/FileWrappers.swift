@@ -12,7 +12,7 @@ public final class FileFaults: Sendable {
     /// ENOSPC by default; EIO for a crash.
     public let errorCode = Atomic<Int32>(Errno.noSpace.code)
     /// Runs before each read of `length` bytes at `offset`.
-    public let beforeRead = Mutex<(@Sendable (_ offset: UInt64, _ length: Int) -> Void)?>(nil)
+    public let beforeRead = Locked<(@Sendable (_ offset: UInt64, _ length: Int) -> Void)?>(nil)
 
     public init() {}
 
@@ -81,7 +81,7 @@ public final class WriteJournal: Sendable {
         case sync(file: Int)
     }
 
-    private let state = Mutex<(events: [Event], paths: [String])>(([], []))
+    private let state = Locked<(events: [Event], paths: [String])>(([], []))
 
     public init() {}
 
