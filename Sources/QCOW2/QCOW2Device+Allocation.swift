@@ -68,7 +68,7 @@ extension QCOW2Device {
     /// The cluster's stripe of `clusterLocks`, held throughout, keeps other
     /// writes, zeroes and trims of the same cluster out.
     func writeCluster(_ data: UnsafeRawBufferPointer, at guest: UInt64) throws(DeviceError) -> Bool {
-        try clusterLock(for: guest).mutex.withLock { _ throws(DeviceError) -> Bool in
+        try clusterLock(for: guest).withLock { () throws(DeviceError) -> Bool in
             try writeClusterLocked(data, at: guest)
         }
     }
@@ -173,7 +173,7 @@ extension QCOW2Device {
     }
 
     /// The stripe of `clusterLocks` for the guest cluster holding `guest`.
-    func clusterLock(for guest: UInt64) -> ClusterLock {
+    func clusterLock(for guest: UInt64) -> Lock {
         clusterLocks[Int((guest >> UInt64(geometry.clusterBits)) % UInt64(clusterLocks.count))]
     }
 

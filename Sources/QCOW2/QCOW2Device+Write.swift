@@ -157,7 +157,7 @@ extension QCOW2Device {
         var done = try zeroClusterRun(from: start, count: count, mode: mode)
         if done == 0 {
             // The first cluster is being allocated: wait for that write, then zero it.
-            done = try clusterLock(for: start).mutex.withLock { _ throws(DeviceError) -> Int in
+            done = try clusterLock(for: start).withLock { () throws(DeviceError) -> Int in
                 try zeroClusterRun(from: start, count: 1, mode: mode)
             }
         }
@@ -175,7 +175,7 @@ extension QCOW2Device {
         let first = (offset + unit - 1) & ~(unit - 1), last = (offset + length) & ~(unit - 1)
         guard first < last else { return false }
         let clusterStart = offset & ~(geometry.clusterSize - 1)
-        let done = try clusterLock(for: clusterStart).mutex.withLock { _ throws(DeviceError) -> Bool in
+        let done = try clusterLock(for: clusterStart).withLock { () throws(DeviceError) -> Bool in
             try withMetadataLock { state throws(DeviceError) -> Bool in
                 try zeroSubclusterBits(&state, in: clusterStart, from: first - clusterStart, to: last - clusterStart)
             }

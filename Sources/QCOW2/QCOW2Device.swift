@@ -56,7 +56,7 @@ public final class QCOW2Device: BlockDevice {
     let dirtyBitSet = Atomic(false)
     /// Stripes of per-guest-cluster locks: a cluster being allocated, zeroed or
     /// trimmed holds its stripe, taken before the metadata lock.
-    let clusterLocks: [ClusterLock] = (0..<64).map { _ in ClusterLock() }
+    let clusterLocks: [Lock] = (0..<64).map { _ in Lock() }
     let backing: (any BlockDevice)?
     /// Paths of the backing chain below this image, nearest first.
     public let backingChain: [String]
@@ -320,9 +320,4 @@ public final class QCOW2Device: BlockDevice {
 final class CorruptionMarker: @unchecked Sendable {
     /// Set once in init, before any request.
     weak var device: QCOW2Device?
-}
-
-/// One stripe of `QCOW2Device.clusterLocks`.
-final class ClusterLock: Sendable {
-    let mutex = Locked(())
 }
