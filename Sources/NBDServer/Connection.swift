@@ -46,6 +46,7 @@ final class Connection: @unchecked Sendable {
     private let limits: ConnectionLimits
     private let handshakeTimeout: Double?
     private let tls: TLSConfiguration
+    private let sendfileToLocalPeers: Bool
     private let observer: (any ServerObserver)?
     private var logger: Logger
     let counters = TransferCounters()
@@ -70,8 +71,8 @@ final class Connection: @unchecked Sendable {
     private var writer: ReplyWriter!
 
     init(socket: Socket, peer: String, id: Int, exports: [Export], buffers: BufferPool, devices: DevicePool,
-         limits: ConnectionLimits, handshakeTimeout: Double?, tls: TLSConfiguration = .off, logger: Logger,
-         observer: (any ServerObserver)? = nil) {
+         limits: ConnectionLimits, handshakeTimeout: Double?, tls: TLSConfiguration = .off,
+         sendfileToLocalPeers: Bool = false, logger: Logger, observer: (any ServerObserver)? = nil) {
         self.socket = socket
         self.peer = peer
         self.id = id
@@ -81,6 +82,7 @@ final class Connection: @unchecked Sendable {
         self.limits = limits
         self.handshakeTimeout = handshakeTimeout
         self.tls = tls
+        self.sendfileToLocalPeers = sendfileToLocalPeers
         self.observer = observer
         self.logger = logger
         self.logger[metadataKey: "nbd.conn"] = "\(id)"
@@ -113,7 +115,7 @@ final class Connection: @unchecked Sendable {
         let transport = reader.transport
         handler = RequestHandler(device: export.device, session: session, buffers: buffers, counters: counters,
                                  logger: logger)
-        handler.sendsFileRanges = transport.sendsWithoutBlocking
+        handler.sendsFileRanges = transport.sendsWithoutBlocking && (sendfileToLocalPeers || !socket.peerIsThisMachine)
         writer = ReplyWriter(transport: transport, name: "nbd-send-\(id)", finished: { [unowned self] reply in
             if case .pooled(let data) = reply.body { buffers.give(data) }
             release(reply.cost)

@@ -48,6 +48,11 @@ public struct ServerConfiguration: Sendable {
     public var tls: TLSConfiguration = .off
     /// TCP clients let in; nil lets in every address.
     public var allowedAddresses: AddressAllowList?
+    /// Whether cached raw reads go out by sendfile(2) to clients on this machine too. Off:
+    /// to a local client sendfile only moves the copy into the client, which then reads
+    /// page-cache pages cold from memory; nbdcopy over loopback measured 1,430-1,890 MiB/s
+    /// with it against 2,010-2,110 MiB/s copying (2 cores). Remote clients always get it.
+    public var sendfileToLocalPeers = false
 
     public init(maxConnections: Int = 1, persistent: Bool = false, handshakeTimeout: Double? = 10) {
         self.maxConnections = maxConnections
@@ -215,6 +220,7 @@ public final class Server: @unchecked Sendable {
         let connection = Connection(socket: socket, peer: peer, id: id, exports: exports, buffers: buffers,
                                     devices: devices, limits: configuration.connectionLimits,
                                     handshakeTimeout: configuration.handshakeTimeout, tls: configuration.tls,
+                                    sendfileToLocalPeers: configuration.sendfileToLocalPeers,
                                     logger: logger, observer: observer)
         connections[ObjectIdentifier(connection)] = connection
         observer?.connectionOpened()

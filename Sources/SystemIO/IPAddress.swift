@@ -38,6 +38,14 @@ public enum IPAddress: Hashable, Sendable, CustomStringConvertible {
         return self
     }
 
+    /// 127.0.0.0/8, ::1, or an IPv4-mapped loopback address.
+    public var isLoopback: Bool {
+        switch unmapped {
+        case .v4(let n): n >> 24 == 127
+        case .v6(let n): n == 1
+        }
+    }
+
     public var description: String {
         switch self {
         case .v4(let n):

@@ -214,6 +214,22 @@ public struct Socket: Sendable, Hashable {
         }
     }
 
+    /// Whether the connected peer runs on this machine: a Unix socket, or a TCP peer on a
+    /// loopback address or on this end's own address (one of this host's interfaces).
+    public var peerIsThisMachine: Bool {
+        var ours = sockaddr_storage(), theirs = sockaddr_storage()
+        var oursLength = socklen_t(MemoryLayout<sockaddr_storage>.size), theirsLength = oursLength
+        let named = withUnsafeMutablePointer(to: &ours) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(rawValue, $0, &oursLength) }
+        } == 0 && withUnsafeMutablePointer(to: &theirs) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(rawValue, $0, &theirsLength) }
+        } == 0
+        guard named else { return false }
+        if Int32(ours.ss_family) == AF_UNIX { return true }
+        guard let local = Self.address(&ours), let peer = Self.address(&theirs) else { return false }
+        return peer.isLoopback || local.unmapped == peer.unmapped
+    }
+
     /// The local port of a bound TCP socket.
     public func localPort() -> Int? {
         var storage = sockaddr_storage()
