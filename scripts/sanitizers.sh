@@ -33,10 +33,11 @@ address)
     ;;
 thread)
     # The tests whose point is several threads at once: qcow2 reads racing
-    # reads, writes and retries, concurrent writers, and a server taking
-    # eight connections in parallel, bitmap bits set while a flush writes them,
-    # cached reads racing writes.
-    filter=(--filter 'ConcurrentReadTests|ReadWriteRaceTests|ReadRetryTests|concurrentWriters|eightConcurrentConnections|bitsSetDuringFlushesAreKept|racingWritesNeverGiveStaleData')
+    # reads, writes and retries, concurrent writers and workloads, the shared
+    # metadata cache, bitmap bits set while a flush writes them, cached reads
+    # racing writes, and every server test (reader, writer and device threads
+    # of each connection). Every lock is a pthread mutex ThreadSanitizer sees.
+    filter=(--filter 'NBDServerTests|ConcurrentReadTests|ReadWriteRaceTests|ReadRetryTests|concurrentWriters|ConcurrentWorkloadTests|MetadataCacheTests|eightConcurrentConnections|bitsSetDuringFlushesAreKept|racingWritesNeverGiveStaleData')
     export TSAN_OPTIONS="log_path=$reports/tsan:suppressions=$PWD/scripts/tsan.supp:halt_on_error=0"
     ;;
 *)
