@@ -20,7 +20,8 @@ let package = Package(
         .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
-        .systemLibrary(name: "CGnuTLS", pkgConfig: "gnutls", providers: [.apt(["libgnutls28-dev"])]),
+        // GnuTLS's headers (libgnutls28-dev); the library itself is loaded with dlopen when TLS is first set up.
+        .target(name: "CGnuTLS"),
 
         // Bytes <-> NBD messages. No I/O, no Foundation.
         .target(name: "NBDProtocol", swiftSettings: swiftSettings),

@@ -13,7 +13,8 @@ public enum TLSError: Error, Equatable, Sendable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .credentials(let why): why
-        case .gnutls(let operation, let code): "\(operation): \(String(cString: gnutls_strerror(code)))"
+        case .gnutls(let operation, let code):
+            "\(operation): \(GnuTLS.functions.strerror(code).map { String(cString: $0) } ?? "GnuTLS error \(code)")"
         case .system(let errno): "\(errno)"
         }
     }

@@ -32,28 +32,28 @@ public final class TLSSession: @unchecked Sendable {
         do {
             try credentials.configure(session)
         } catch {
-            gnutls_deinit(session)
+            gnutls.deinit(session)
             staging.deallocate()
             throw error
         }
         cgnutls_transport_set_fd(session, fd)
         // The caller's socket timeouts bound the handshake, not GnuTLS's own clock.
-        gnutls_handshake_set_timeout(session, UInt32.max - 1)  // GNUTLS_INDEFINITE_TIMEOUT
-        gnutls_session_set_ptr(session, Unmanaged.passUnretained(self).toOpaque())
+        gnutls.handshake_set_timeout(session, UInt32.max - 1)  // GNUTLS_INDEFINITE_TIMEOUT
+        gnutls.session_set_ptr(session, Unmanaged.passUnretained(self).toOpaque())
     }
 
     deinit {
-        gnutls_deinit(session)
+        gnutls.deinit(session)
         staging.deallocate()
     }
 
     /// Runs the TLS handshake. On failure the client is sent the matching alert, if it is still there.
     public func handshake() throws(TLSError) {
         while true {
-            let r = gnutls_handshake(session)
+            let r = gnutls.handshake(session)
             if r == GNUTLS_E_SUCCESS { return }
-            if r == GNUTLS_E_INTERRUPTED || (r != GNUTLS_E_AGAIN && gnutls_error_is_fatal(r) == 0) { continue }
-            if r != GNUTLS_E_AGAIN { _ = gnutls_alert_send_appropriate(session, r) }
+            if r == GNUTLS_E_INTERRUPTED || (r != GNUTLS_E_AGAIN && gnutls.error_is_fatal(r) == 0) { continue }
+            if r != GNUTLS_E_AGAIN { _ = gnutls.alert_send_appropriate(session, r) }
             throw .gnutls(operation: unknownUsername.map { "unknown PSK username '\($0)'" } ?? "TLS handshake", code: r)
         }
     }
@@ -65,25 +65,25 @@ public final class TLSSession: @unchecked Sendable {
     public var peerIdentities: [String] {
         switch credentials.kind {
         case .psk:
-            return gnutls_psk_server_get_username(session).map { [String(cString: $0)] } ?? []
+            return gnutls.psk_server_get_username(session).map { [String(cString: $0)] } ?? []
         case .x509:
             var count: UInt32 = 0
-            guard let chain = gnutls_certificate_get_peers(session, &count), count > 0 else { return [] }
+            guard let chain = gnutls.certificate_get_peers(session, &count), count > 0 else { return [] }
             var certificate: gnutls_x509_crt_t?
-            guard gnutls_x509_crt_init(&certificate) == 0, let certificate else { return [] }
-            defer { gnutls_x509_crt_deinit(certificate) }
-            guard gnutls_x509_crt_import(certificate, chain, GNUTLS_X509_FMT_DER) == 0 else { return [] }
+            guard gnutls.x509_crt_init(&certificate) == 0, let certificate else { return [] }
+            defer { gnutls.x509_crt_deinit(certificate) }
+            guard gnutls.x509_crt_import(certificate, chain, GNUTLS_X509_FMT_DER) == 0 else { return [] }
             var names: [String] = []
             var rfc = gnutls_datum_t()
-            if gnutls_x509_crt_get_dn3(certificate, &rfc, 0) == 0, let data = rfc.data {
+            if gnutls.x509_crt_get_dn3(certificate, &rfc, 0) == 0, let data = rfc.data {
                 names.append(String(decoding: UnsafeBufferPointer(start: data, count: Int(rfc.size)), as: UTF8.self))
                 cgnutls_free(data)
             }
             var size = 0
-            _ = gnutls_x509_crt_get_dn(certificate, nil, &size)
+            _ = gnutls.x509_crt_get_dn(certificate, nil, &size)
             if size > 0 {
                 var name = [UInt8](repeating: 0, count: size + 1)
-                if gnutls_x509_crt_get_dn(certificate, &name, &size) == 0 {
+                if gnutls.x509_crt_get_dn(certificate, &name, &size) == 0 {
                     let text = String(decoding: name.prefix(while: { $0 != 0 }), as: UTF8.self)
                     if !names.contains(text) { names.append(text) }
                 }
@@ -95,7 +95,7 @@ public final class TLSSession: @unchecked Sendable {
     /// Reads up to `buffer.count` bytes of plaintext (at most one record); 0 when the client closed.
     public func receive(into buffer: UnsafeMutableRawBufferPointer) throws(TLSError) -> Int {
         while true {
-            let n = gnutls_record_recv(session, buffer.baseAddress, buffer.count)
+            let n = gnutls.record_recv(session, buffer.baseAddress, buffer.count)
             if n >= 0 { return n }
             let code = Int32(n)
             switch code {
@@ -106,7 +106,7 @@ public final class TLSSession: @unchecked Sendable {
             case GNUTLS_E_PREMATURE_TERMINATION: return 0
             case GNUTLS_E_REHANDSHAKE: throw .gnutls(operation: "receive", code: code)
             default:
-                if gnutls_error_is_fatal(code) == 0 { continue }  // a warning alert
+                if gnutls.error_is_fatal(code) == 0 { continue }  // a warning alert
                 throw .gnutls(operation: "receive", code: code)
             }
         }
@@ -137,7 +137,7 @@ public final class TLSSession: @unchecked Sendable {
     private func sendAll(_ bytes: UnsafeRawBufferPointer) throws(TLSError) {
         var done = 0
         while done < bytes.count {
-            let n = gnutls_record_send(session, bytes.baseAddress! + done, bytes.count - done)
+            let n = gnutls.record_send(session, bytes.baseAddress! + done, bytes.count - done)
             if n >= 0 {
                 done += n
                 continue
@@ -153,6 +153,6 @@ public final class TLSSession: @unchecked Sendable {
     public func close() {
         guard !closed else { return }
         closed = true
-        _ = gnutls_bye(session, GNUTLS_SHUT_WR)
+        _ = gnutls.bye(session, GNUTLS_SHUT_WR)
     }
 }
