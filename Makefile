@@ -134,6 +134,8 @@ deb: $(BINARY)
 	printf 'Source: swiftnbd\n\nPackage: swiftnbd\nArchitecture: any\n' > $(DEBBUILD)/debian/control
 	cd $(DEBBUILD) && dpkg-shlibdeps $(SHLIBDEPSFLAGS) -O root/usr/bin/swiftnbd | sed -n 's/^shlibs:Depends=//p' > depends
 	test -s $(DEBBUILD)/depends
+	# GnuTLS is loaded with dlopen when TLS is set up, so dpkg-shlibdeps can't see it.
+	sed -i 's/$$/, libgnutls30/' $(DEBBUILD)/depends
 	sed -e 's|@VERSION@|$(VERSION)|' -e 's|@ARCH@|$(DEBARCH)|' \
 		-e "s|@SIZE@|$$(du -sk --exclude=DEBIAN $(DEBROOT) | cut -f1)|" \
 		-e "s|@DEPENDS@|$$(cat $(DEBBUILD)/depends)|" packaging/deb/control.in > $(DEBROOT)/DEBIAN/control

@@ -81,6 +81,20 @@ import Testing
         #expect(try fixture.contents == want)
     }
 
+    /// GnuTLS is loaded only by a server that sets up TLS: without it, none of its memory.
+    @Test func gnutlsIsMappedOnlyWhenTLSIsSetUp() throws {
+        let fixture = try QCOW2TLSFixture()
+        func mapsGnuTLS(_ server: ServerProcess) throws -> Bool {
+            try String(contentsOfFile: "/proc/\(server.pid)/maps", encoding: .utf8).contains("libgnutls")
+        }
+        let plain = try ServerProcess(["-t", "-r", fixture.image])
+        #expect(try Tools.run("nbdinfo", ["--size", plain.uri]).succeeded)
+        #expect(try !mapsGnuTLS(plain))
+        let withTLS = try ServerProcess(["-t", "-r", "--tls-psk", tls.pskFile, fixture.image])
+        expectServedOverTLS(tls.pskURI(port: withTLS.port))
+        #expect(try mapsGnuTLS(withTLS))
+    }
+
     @Test func pskServesLibnbdAndQemuClientsAndRefusesWrongKeys() throws {
         let fixture = try QCOW2TLSFixture()
         let server = try ServerProcess(["-t", "-e", "4", "--tls-psk", tls.pskFile, fixture.image])
