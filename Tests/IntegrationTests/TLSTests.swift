@@ -84,8 +84,9 @@ import Testing
     /// GnuTLS is loaded only by a server that sets up TLS: without it, none of its memory.
     @Test func gnutlsIsMappedOnlyWhenTLSIsSetUp() throws {
         let fixture = try QCOW2TLSFixture()
+        // grep, not Foundation: /proc files report size 0, and Foundation may stop reading early.
         func mapsGnuTLS(_ server: ServerProcess) throws -> Bool {
-            try String(contentsOfFile: "/proc/\(server.pid)/maps", encoding: .utf8).contains("libgnutls")
+            try Tools.run("grep", ["-q", "libgnutls", "/proc/\(server.pid)/maps"]).succeeded
         }
         let plain = try ServerProcess(["-t", "-r", fixture.image])
         #expect(try Tools.run("nbdinfo", ["--size", plain.uri]).succeeded)
