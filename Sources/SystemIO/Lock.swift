@@ -32,8 +32,8 @@ public final class Locked<Value: ~Copyable>: @unchecked Sendable {
     }
 }
 
-/// A plain mutex for state shared between Dispatch threads, where a value
-/// isn't Sendable (raw buffers) and so can't live in `Locked`.
+/// A plain mutex for state that can't move into a `Locked` value: several fields
+/// of a class that a `Condition` waits on, or a stretch of code to serialise.
 public final class Lock: @unchecked Sendable {
     let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
 
