@@ -204,6 +204,44 @@ final class RefcountManager: @unchecked Sendable {
         if value == 0 { freeCursor = min(freeCursor, cluster) }
     }
 
+    /// Sets the refcount of the clusters from index `first` to `value`: up to
+    /// `count` of them, as many as its refcount block covers, in one write (a
+    /// reserve refill is thousands of clusters, each a pwrite otherwise).
+    /// Returns how many. All or none: a failed write leaves memory as before.
+    func setRefcounts(ofClusters first: UInt64, count: UInt64, to value: UInt64) throws(DeviceError) -> UInt64 {
+        guard !broken else {
+            throw DeviceError(.io, "qcow2: the refcount table could not be moved; writes are refused until reopened")
+        }
+        guard value <= RefcountEntry.maximum(order: order) else {
+            throw DeviceError(.io, "qcow2: refcount \(value) overflows \(1 << order) bits")
+        }
+        let blockOffset = try ensureBlock(forCluster: first)
+        let block = try block(at: blockOffset)
+        let start = Int(first % entriesPerBlock)
+        let n = Int(min(count, entriesPerBlock - UInt64(start)))
+        let bits = 1 << order
+        let changed = start * bits / 8..<((start + n) * bits + 7) / 8
+        let before = Array(block.bytes[changed])
+        if moveLog != nil {
+            for i in 0..<n {
+                let previous = RefcountEntry.get(block.bytes, index: start + i, order: order)
+                moveLog!.changed.append(((first + UInt64(i)) << UInt64(clusterBits), previous))
+            }
+        }
+        for i in start..<start + n { _ = RefcountEntry.set(&block.bytes, index: i, order: order, value: value) }
+        do {
+            try file.writeMetadata(Array(block.bytes[changed]), at: blockOffset + UInt64(changed.lowerBound),
+                                   what: "refcount")
+        } catch {
+            // Keep memory equal to the disk, as in setRefcount.
+            block.bytes.replaceSubrange(changed, with: before)
+            if moveLog != nil { moveLog!.changed.removeLast(n) }
+            throw error
+        }
+        if value == 0 { freeCursor = min(freeCursor, first) }
+        return UInt64(n)
+    }
+
     /// Adds `delta` to the refcount of the cluster at `host`; a result below
     /// zero means the metadata is inconsistent. Returns the new refcount.
     @discardableResult
@@ -293,16 +331,16 @@ final class RefcountManager: @unchecked Sendable {
         var raised: UInt64 = 0
         do {
             for run in runs {
-                for c in run.first..<run.first + run.count {
-                    try setRefcount(of: c << UInt64(clusterBits), to: 1)
-                    raised += 1
+                var done: UInt64 = 0
+                while done < run.count {
+                    let n = try setRefcounts(ofClusters: run.first + done, count: run.count - done, to: 1)
+                    done += n
+                    raised += n
                 }
             }
         } catch {
             for run in runs where raised > 0 {
-                for c in run.first..<run.first + min(run.count, raised) {
-                    try? setRefcount(of: c << UInt64(clusterBits), to: 0)
-                }
+                unclaim(Run(first: run.first, count: min(run.count, raised), fresh: run.fresh))
                 raised -= min(run.count, raised)
             }
             throw error
@@ -314,8 +352,17 @@ final class RefcountManager: @unchecked Sendable {
 
     /// Frees clusters from `claimFree` that never made it to the reserve.
     func unclaim(_ runs: [Run]) {
-        for run in runs {
-            for c in run.first..<run.first + run.count { try? setRefcount(of: c << UInt64(clusterBits), to: 0) }
+        for run in runs { unclaim(run) }
+    }
+
+    /// Best effort: a block whose write fails is skipped (its clusters leak).
+    private func unclaim(_ run: Run) {
+        var done: UInt64 = 0
+        while done < run.count {
+            let c = run.first + done
+            let chunk = min(run.count - done, entriesPerBlock - c % entriesPerBlock)
+            _ = try? setRefcounts(ofClusters: c, count: chunk, to: 0)
+            done += chunk
         }
     }
 
@@ -323,8 +370,12 @@ final class RefcountManager: @unchecked Sendable {
     /// check finds no leaks).
     func releaseReserve() throws(DeviceError) {
         while let run = reserve.first {
-            for c in run.first..<run.first + run.count { try setRefcount(of: c << UInt64(clusterBits), to: 0) }
-            reserve.removeFirst()
+            let n = try setRefcounts(ofClusters: run.first, count: run.count, to: 0)
+            // The reserve keeps only what still has a refcount, should the next block fail.
+            if n == run.count { reserve.removeFirst() } else {
+                reserve[0].first += n
+                reserve[0].count -= n
+            }
         }
     }
 
