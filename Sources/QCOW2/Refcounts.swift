@@ -348,6 +348,16 @@ final class RefcountManager: @unchecked Sendable {
         return runs
     }
 
+    /// Extends the file to `end` (sparsely), for clusters named past its end (`RefcountRepair`).
+    func extendFile(to end: UInt64) throws(DeviceError) {
+        do throws(Errno) {
+            if try file.size() < end { try file.truncate(to: end) }
+        } catch {
+            throw .system(error, "extending the qcow2 image file to \(end)")
+        }
+        fileEnd = max(fileEnd, (end + clusterSize - 1) & ~(clusterSize - 1))
+    }
+
     func addToReserve(_ runs: [Run]) { reserve += runs }
 
     /// Frees clusters from `claimFree` that never made it to the reserve.
