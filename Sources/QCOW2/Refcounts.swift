@@ -57,7 +57,7 @@ final class AllocationCounters: Sendable {
 /// table points to it, a new table before the header points to it, and the
 /// header before the old table is freed. Clusters are handed out from a
 /// reserve whose refcounts were raised and synced beforehand
-/// (`fillReserve`), so an L2 entry never reaches the disk before the
+/// (`claimFree`), so an L2 entry never reaches the disk before the
 /// refcount of the cluster it names, and one fdatasync covers a whole batch
 /// of allocations. A power cut leaks at most the unused reserve.
 final class RefcountManager: @unchecked Sendable {
@@ -260,7 +260,7 @@ final class RefcountManager: @unchecked Sendable {
 
     /// Takes up to `count` contiguous clusters from the reserve: the first
     /// host offset, how many, and whether they read as zeros. Nil when the
-    /// reserve is empty (refill it with `fillReserve` after a sync point).
+    /// reserve is empty (refill it with `claimFree` and a sync).
     func take(upTo count: Int) -> (host: UInt64, count: Int, fresh: Bool)? {
         guard !reserve.isEmpty else { return nil }
         let n = min(UInt64(count), reserve[0].count)
@@ -282,11 +282,23 @@ final class RefcountManager: @unchecked Sendable {
 
     var reserveIsEmpty: Bool { reserve.isEmpty }
 
+    /// Clusters the last refill asked for.
+    private var lastClaim: UInt64 = 0
+
+    /// Under half of the last refill is left: time to claim the next one
+    /// ahead of need, so that its sync overlaps the writes using this one.
+    var reserveIsLow: Bool {
+        var left: UInt64 = 0
+        for run in reserve { left += run.count }
+        return left < lastClaim / 2
+    }
+
     /// Raises the refcount of at least `minimum` free clusters to 1 and
     /// returns them, for the reserve once synced (`addToReserve`). On failure
     /// (ENOSPC) the refcounts raised so far are put back to 0.
     func claimFree(minimum: Int) throws(DeviceError) -> [Run] {
         let want = max(UInt64(minimum), reserveTarget)
+        lastClaim = want
         reserveTarget = min(maximumReserve, reserveTarget * 2)
         var runs: [Run] = []
         var found: UInt64 = 0
