@@ -87,7 +87,8 @@ struct RefcountRepair {
         // With lazy refcounts nothing syncs the file's extension over a reserve before the L2
         // entries naming it, so a power cut can keep entries past the end (qemu-img check: an
         // error). The file is extended over them; they read as zeros, as unflushed data may.
-        if let last = expected.keys.max(), last >= end {
+        // Only as far as two refills reach: anything further is a hostile image, left alone.
+        if let last = expected.keys.filter({ $0 < end + 2 * refcounts.maximumReserve }).max(), last >= end {
             try refcounts.extendFile(to: (last + 1) * cs)
             end = last + 1
         }
