@@ -12,6 +12,8 @@ struct MetadataState: ~Copyable {
     let refcounts: RefcountManager?
     /// Guest clusters whose allocation is under way (see `writeCluster`).
     var pendingClusters: Set<UInt64> = []
+    /// A refill claimed ahead of need is being synced outside the lock (`claimAhead`).
+    var refillInFlight = false
     /// Releases waiting for a sync point (see `commit`).
     var deferred = DeferredMetadata()
     /// Writes to the active L1 table go through here, so only under the lock.

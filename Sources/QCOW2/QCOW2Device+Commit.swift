@@ -4,7 +4,9 @@ import SystemIO
 /// The power-loss order of metadata writes (qemu orders its caches the same way):
 /// - a refcount increase is synced before any L1 or L2 entry names the
 ///   cluster: clusters come from a reserve whose refcounts were raised and
-///   synced beforehand (`RefcountManager.fillReserve`), one sync per batch;
+///   synced beforehand (`RefcountManager.claimFree`), one sync per batch;
+///   sequential writers claim the next batch ahead and sync it outside the
+///   lock (`claimAhead`), adding it to the reserve only once synced;
 /// - a new L2 table's contents are synced before the L1 entry naming it
 ///   (`QCOW2Device.newL2Table`; as qemu's l2_allocate, one sync per table);
 /// - a refcount decrease waits until the L2 or L1 entry that dropped the
@@ -31,6 +33,29 @@ extension QCOW2Device {
         try commit(&state, refill: count)
         guard let run = refcounts.take(upTo: count) else { throw DeviceError(.noSpace, "qcow2: no cluster to allocate") }
         return run
+    }
+
+    /// When the reserve runs low, claims the next refill (refcounts raised,
+    /// not yet synced) for `syncClaimed` to sync outside the lock: a refill's
+    /// sync writes back every dirty page of the file, and under the lock it
+    /// stalls every writer. Nil when not needed, already under way, or with
+    /// lazy refcounts (nothing to sync). A failed claim is left to the next
+    /// `allocateClusters` to report.
+    func claimAhead(_ state: inout MetadataState) -> [RefcountManager.Run]? {
+        guard !header.lazyRefcounts, !state.refillInFlight, let refcounts = state.refcounts,
+              refcounts.reserveIsLow, let runs = try? refcounts.claimFree(minimum: 1) else { return nil }
+        state.refillInFlight = true
+        return runs
+    }
+
+    /// Syncs a refill from `claimAhead` and only then adds it to the reserve,
+    /// so no L2 entry can name a cluster before its refcount is durable.
+    func syncClaimed(_ runs: [RefcountManager.Run]) {
+        let synced = (try? syncImage()) != nil
+        _ = try? withMetadataLock { state throws(DeviceError) in
+            state.refillInFlight = false
+            if synced { state.refcounts?.addToReserve(runs) } else { state.refcounts?.unclaim(runs) }
+        }
     }
 
     /// Gives clusters from `allocateClusters` back when their data write failed.

@@ -42,9 +42,11 @@ extension QCOW2Device {
             if guest & (cluster - 1) == 0 && UInt64(rest.count) >= cluster {
                 // Whole clusters: nothing to copy, so a run of them gets one allocation and one pwrite.
                 let whole = Int(UInt64(rest.count) & ~(cluster - 1))
-                let written = try withMetadataLock { state throws(DeviceError) in
-                    try writeWholeClusters(&state, UnsafeRawBufferPointer(rebasing: rest[..<whole]), at: guest)
+                let (written, claimed) = try withMetadataLock { state throws(DeviceError) in
+                    (try writeWholeClusters(&state, UnsafeRawBufferPointer(rebasing: rest[..<whole]), at: guest),
+                     claimAhead(&state))
                 }
+                if let claimed { syncClaimed(claimed) }
                 if written > 0 {
                     position += written
                     continue

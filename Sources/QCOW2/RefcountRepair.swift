@@ -83,7 +83,15 @@ struct RefcountRepair {
             }
         }
         // Rewrite what differs. New refcount blocks land past the old end and count themselves.
-        let end = (fileSize + cs - 1) / cs
+        var end = (fileSize + cs - 1) / cs
+        // With lazy refcounts nothing syncs the file's extension over a reserve before the L2
+        // entries naming it, so a power cut can keep entries past the end (qemu-img check: an
+        // error). The file is extended over them; they read as zeros, as unflushed data may.
+        // Only as far as two refills reach: anything further is a hostile image, left alone.
+        if let last = expected.keys.filter({ $0 < end + 2 * refcounts.maximumReserve }).max(), last >= end {
+            try refcounts.extendFile(to: (last + 1) * cs)
+            end = last + 1
+        }
         for cluster in 0..<end {
             let want = expected[cluster] ?? 0
             if try refcounts.refcount(of: cluster * cs) != want { try refcounts.setRefcount(of: cluster * cs, to: want) }

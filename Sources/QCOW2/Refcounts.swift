@@ -57,7 +57,7 @@ final class AllocationCounters: Sendable {
 /// table points to it, a new table before the header points to it, and the
 /// header before the old table is freed. Clusters are handed out from a
 /// reserve whose refcounts were raised and synced beforehand
-/// (`fillReserve`), so an L2 entry never reaches the disk before the
+/// (`claimFree`), so an L2 entry never reaches the disk before the
 /// refcount of the cluster it names, and one fdatasync covers a whole batch
 /// of allocations. A power cut leaks at most the unused reserve.
 final class RefcountManager: @unchecked Sendable {
@@ -204,6 +204,44 @@ final class RefcountManager: @unchecked Sendable {
         if value == 0 { freeCursor = min(freeCursor, cluster) }
     }
 
+    /// Sets the refcount of the clusters from index `first` to `value`: up to
+    /// `count` of them, as many as its refcount block covers, in one write (a
+    /// reserve refill is thousands of clusters, each a pwrite otherwise).
+    /// Returns how many. All or none: a failed write leaves memory as before.
+    func setRefcounts(ofClusters first: UInt64, count: UInt64, to value: UInt64) throws(DeviceError) -> UInt64 {
+        guard !broken else {
+            throw DeviceError(.io, "qcow2: the refcount table could not be moved; writes are refused until reopened")
+        }
+        guard value <= RefcountEntry.maximum(order: order) else {
+            throw DeviceError(.io, "qcow2: refcount \(value) overflows \(1 << order) bits")
+        }
+        let blockOffset = try ensureBlock(forCluster: first)
+        let block = try block(at: blockOffset)
+        let start = Int(first % entriesPerBlock)
+        let n = Int(min(count, entriesPerBlock - UInt64(start)))
+        let bits = 1 << order
+        let changed = start * bits / 8..<((start + n) * bits + 7) / 8
+        let before = Array(block.bytes[changed])
+        if moveLog != nil {
+            for i in 0..<n {
+                let previous = RefcountEntry.get(block.bytes, index: start + i, order: order)
+                moveLog!.changed.append(((first + UInt64(i)) << UInt64(clusterBits), previous))
+            }
+        }
+        for i in start..<start + n { _ = RefcountEntry.set(&block.bytes, index: i, order: order, value: value) }
+        do {
+            try file.writeMetadata(Array(block.bytes[changed]), at: blockOffset + UInt64(changed.lowerBound),
+                                   what: "refcount")
+        } catch {
+            // Keep memory equal to the disk, as in setRefcount.
+            block.bytes.replaceSubrange(changed, with: before)
+            if moveLog != nil { moveLog!.changed.removeLast(n) }
+            throw error
+        }
+        if value == 0 { freeCursor = min(freeCursor, first) }
+        return UInt64(n)
+    }
+
     /// Adds `delta` to the refcount of the cluster at `host`; a result below
     /// zero means the metadata is inconsistent. Returns the new refcount.
     @discardableResult
@@ -222,7 +260,7 @@ final class RefcountManager: @unchecked Sendable {
 
     /// Takes up to `count` contiguous clusters from the reserve: the first
     /// host offset, how many, and whether they read as zeros. Nil when the
-    /// reserve is empty (refill it with `fillReserve` after a sync point).
+    /// reserve is empty (refill it with `claimFree` and a sync).
     func take(upTo count: Int) -> (host: UInt64, count: Int, fresh: Bool)? {
         guard !reserve.isEmpty else { return nil }
         let n = min(UInt64(count), reserve[0].count)
@@ -244,11 +282,23 @@ final class RefcountManager: @unchecked Sendable {
 
     var reserveIsEmpty: Bool { reserve.isEmpty }
 
+    /// Clusters the last refill asked for.
+    private var lastClaim: UInt64 = 0
+
+    /// Under half of the last refill is left: time to claim the next one
+    /// ahead of need, so that its sync overlaps the writes using this one.
+    var reserveIsLow: Bool {
+        var left: UInt64 = 0
+        for run in reserve { left += run.count }
+        return left < lastClaim / 2
+    }
+
     /// Raises the refcount of at least `minimum` free clusters to 1 and
     /// returns them, for the reserve once synced (`addToReserve`). On failure
     /// (ENOSPC) the refcounts raised so far are put back to 0.
     func claimFree(minimum: Int) throws(DeviceError) -> [Run] {
         let want = max(UInt64(minimum), reserveTarget)
+        lastClaim = want
         reserveTarget = min(maximumReserve, reserveTarget * 2)
         var runs: [Run] = []
         var found: UInt64 = 0
@@ -293,16 +343,16 @@ final class RefcountManager: @unchecked Sendable {
         var raised: UInt64 = 0
         do {
             for run in runs {
-                for c in run.first..<run.first + run.count {
-                    try setRefcount(of: c << UInt64(clusterBits), to: 1)
-                    raised += 1
+                var done: UInt64 = 0
+                while done < run.count {
+                    let n = try setRefcounts(ofClusters: run.first + done, count: run.count - done, to: 1)
+                    done += n
+                    raised += n
                 }
             }
         } catch {
             for run in runs where raised > 0 {
-                for c in run.first..<run.first + min(run.count, raised) {
-                    try? setRefcount(of: c << UInt64(clusterBits), to: 0)
-                }
+                unclaim(Run(first: run.first, count: min(run.count, raised), fresh: run.fresh))
                 raised -= min(run.count, raised)
             }
             throw error
@@ -310,12 +360,31 @@ final class RefcountManager: @unchecked Sendable {
         return runs
     }
 
+    /// Extends the file to `end` (sparsely), for clusters named past its end (`RefcountRepair`).
+    func extendFile(to end: UInt64) throws(DeviceError) {
+        do throws(Errno) {
+            if try file.size() < end { try file.truncate(to: end) }
+        } catch {
+            throw .system(error, "extending the qcow2 image file to \(end)")
+        }
+        fileEnd = max(fileEnd, (end + clusterSize - 1) & ~(clusterSize - 1))
+    }
+
     func addToReserve(_ runs: [Run]) { reserve += runs }
 
     /// Frees clusters from `claimFree` that never made it to the reserve.
     func unclaim(_ runs: [Run]) {
-        for run in runs {
-            for c in run.first..<run.first + run.count { try? setRefcount(of: c << UInt64(clusterBits), to: 0) }
+        for run in runs { unclaim(run) }
+    }
+
+    /// Best effort: a block whose write fails is skipped (its clusters leak).
+    private func unclaim(_ run: Run) {
+        var done: UInt64 = 0
+        while done < run.count {
+            let c = run.first + done
+            let chunk = min(run.count - done, entriesPerBlock - c % entriesPerBlock)
+            _ = try? setRefcounts(ofClusters: c, count: chunk, to: 0)
+            done += chunk
         }
     }
 
@@ -323,8 +392,12 @@ final class RefcountManager: @unchecked Sendable {
     /// check finds no leaks).
     func releaseReserve() throws(DeviceError) {
         while let run = reserve.first {
-            for c in run.first..<run.first + run.count { try setRefcount(of: c << UInt64(clusterBits), to: 0) }
-            reserve.removeFirst()
+            let n = try setRefcounts(ofClusters: run.first, count: run.count, to: 0)
+            // The reserve keeps only what still has a refcount, should the next block fail.
+            if n == run.count { reserve.removeFirst() } else {
+                reserve[0].first += n
+                reserve[0].count -= n
+            }
         }
     }
 

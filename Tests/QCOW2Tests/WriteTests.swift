@@ -195,6 +195,39 @@ import Testing
         try Self.expectConsistent(path, model: model, dir: dir)
     }
 
+    /// Sequential whole-cluster writes into an empty image: a reserve refill
+    /// writes its refcounts with one write per refcount block, not one per
+    /// cluster (64 MiB is 1024 clusters; each refill is followed by a sync).
+    @Test func sequentialAllocationWritesRefcountsPerRefill() throws {
+        let dir = try TemporaryDirectory("qcow2-seqalloc")
+        let path = dir.file("image.qcow2")
+        try Q.img(["create", "-q", "-f", "qcow2", path, "256M"])
+        let journal = WriteJournal()
+        let device = try QCOW2Device(path: path, readOnly: false, options: QCOW2Options(opener: journal.opener))
+        let chunk = [UInt8](repeating: 0x5A, count: 256 << 10)
+        for i in 0..<256 {
+            try chunk.withUnsafeBytes { try device.write($0, at: UInt64(i * chunk.count), fua: false) }
+        }
+        device.close()
+        let header = try Self.header(path)
+        let file = try Q.fileBytes(path)
+        let first = file[Int(header.refcountTableOffset)..<Int(header.refcountTableOffset) + 8]
+        let block = first.reduce(UInt64(0)) { $0 << 8 | UInt64($1) } & EntryBits.offsetMask
+        #expect(block != 0)
+        var refcountWrites = 0, syncs = 0
+        for event in journal.events {
+            switch event {
+            case .write(file: 0, offset: let offset, bytes: _) where offset >= block && offset < block + 65536:
+                refcountWrites += 1
+            case .sync(file: 0): syncs += 1
+            default: break
+            }
+        }
+        #expect(refcountWrites > 0 && refcountWrites <= syncs + 2, "\(refcountWrites) refcount writes, \(syncs) syncs")
+        let check = try Tools.run("qemu-img", ["check", "-f", "qcow2", path])
+        #expect(check.status == 0, "\(check.stdout)")
+    }
+
     static func header(_ path: String) throws -> QCOW2Header {
         try QCOW2Header.parse(Array(try Q.fileBytes(path).prefix(65536)))
     }
