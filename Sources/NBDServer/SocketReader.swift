@@ -1,3 +1,7 @@
+import Glibc
+import Synchronization
+import SystemIO
+
 /// Buffered blocking reads from a connection's transport: small headers come
 /// out of one read of up to 64 KiB, large payloads go straight into their buffer.
 struct SocketReader: ~Copyable {
@@ -69,14 +73,46 @@ struct SocketReader: ~Copyable {
         }
     }
 
+    /// Waiting for the next message, a reader first polls for this long: a client
+    /// answered at queue depth 1 usually sends its next request within it, and a
+    /// thread that slept must be woken, which on this 2-vCPU VM took most of a
+    /// round trip (fio 4k randread qd1 on qcow2: p50 86 µs and 8,900 IOPS without,
+    /// 36 µs and 15,100-18,800 IOPS with 50 µs; qemu-nbd 7,600-8,100 in that run).
+    static let pollNanoseconds: UInt64 = 50_000
+    /// Readers polling at once, at most half the CPUs (at least one), so that
+    /// polling never takes the CPUs the clients and device threads need.
+    private static let pollers = Atomic<Int>(0)
+    private static let maxPollers = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))) / 2)
+
     private func receive(into destination: UnsafeMutableRawBufferPointer, atBoundary: Bool) throws(Failure) -> Int {
         let n: Int
         do {
-            n = try transport.receive(into: destination)
+            if atBoundary, let polled = try poll(into: destination) {
+                n = polled
+            } else {
+                n = try transport.receive(into: destination)
+            }
         } catch {
             throw .failed(error)
         }
         if n == 0 { throw .closed(atBoundary: atBoundary) }
         return n
+    }
+
+    /// What arrives within `pollNanoseconds`, read without sleeping; nil if nothing
+    /// did, if enough readers are polling already, or over TLS.
+    private func poll(into destination: UnsafeMutableRawBufferPointer) throws(Transport.Failure) -> Int? {
+        // TLS records may need several reads: there the reader just waits.
+        guard case .plain = transport else { return nil }
+        guard Self.pollers.add(1, ordering: .relaxed).newValue <= Self.maxPollers else {
+            Self.pollers.subtract(1, ordering: .relaxed)
+            return nil
+        }
+        defer { Self.pollers.subtract(1, ordering: .relaxed) }
+        let deadline = MonotonicClock.now() + Self.pollNanoseconds
+        repeat {
+            if let n = try transport.receiveIfReady(into: destination) { return n }
+        } while MonotonicClock.now() < deadline
+        return nil
     }
 }

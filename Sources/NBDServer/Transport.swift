@@ -39,6 +39,12 @@ enum Transport: @unchecked Sendable {
         }
     }
 
+    /// What has arrived, without waiting; nil when nothing has (always over TLS).
+    func receiveIfReady(into buffer: UnsafeMutableRawBufferPointer) throws(Failure) -> Int? {
+        guard case .plain(let socket) = self else { return nil }
+        do { return try socket.readSomeIfReady(into: buffer) } catch { throw .system(error) }
+    }
+
     /// Whether `send(blocking: false)` may be tried from any thread. A TLS
     /// record that the socket took only in part must be finished by the same
     /// caller with the same data, so over TLS every reply goes through the

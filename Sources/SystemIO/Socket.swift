@@ -23,6 +23,14 @@ public struct Socket: Sendable, Hashable {
         try retryingEINTR { Glibc.recv(rawValue, buffer.baseAddress, buffer.count, 0) }
     }
 
+    /// As `readSome`, without waiting: nil when nothing has arrived yet.
+    public func readSomeIfReady(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int? {
+        let n = Glibc.recv(rawValue, buffer.baseAddress, buffer.count, Int32(MSG_DONTWAIT))
+        if n >= 0 { return n }
+        if errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR { return nil }
+        throw Errno.current
+    }
+
     /// Sends every byte of every buffer, in order, with as few syscalls as the kernel allows.
     public func writeAll(_ buffers: [UnsafeRawBufferPointer]) throws(Errno) {
         try withUnsafeTemporaryAllocation(of: iovec.self, capacity: buffers.count) { (vecs) throws(Errno) in
