@@ -231,6 +231,9 @@ final class Connection: @unchecked Sendable {
 
     // MARK: - Budget (the transmission reader's backpressure)
 
+    /// Every request read so far has been answered (or dropped).
+    var hasNothingInFlight: Bool { pending.load(ordering: .relaxed) == 0 }
+
     /// Reserves `cost` bytes for a request about to be read, waiting while the
     /// connection is over its cap. False when the connection has stopped reading.
     func reserve(_ cost: Int) -> Bool {

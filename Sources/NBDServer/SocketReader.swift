@@ -34,8 +34,10 @@ struct SocketReader: ~Copyable {
         self.transport = transport
     }
 
-    /// Fills `destination` completely.
-    mutating func readExactly(into destination: UnsafeMutableRawBufferPointer) throws(Failure) {
+    /// Fills `destination` completely; with `pollingFirst`, polls briefly before sleeping
+    /// if nothing has arrived (see `pollNanoseconds`).
+    mutating func readExactly(into destination: UnsafeMutableRawBufferPointer,
+                              pollingFirst: Bool = false) throws(Failure) {
         var filled = 0
         let buffered = min(end - start, destination.count)
         if buffered > 0 {
@@ -51,7 +53,7 @@ struct SocketReader: ~Copyable {
                 continue
             }
             start = 0
-            end = try receive(into: buffer, atBoundary: filled == 0)
+            end = try receive(into: buffer, atBoundary: filled == 0, polling: pollingFirst && filled == 0)
             let n = min(end, wanted)
             (destination.baseAddress! + filled).copyMemory(from: buffer.baseAddress!, byteCount: n)
             start = n
@@ -73,7 +75,8 @@ struct SocketReader: ~Copyable {
         }
     }
 
-    /// Waiting for the next message, a reader first polls for this long: a client
+    /// Waiting for the next request with nothing in flight, a reader first polls for
+    /// this long (with requests in flight, device threads need the CPU): a client
     /// answered at queue depth 1 usually sends its next request within it, and a
     /// thread that slept must be woken, which on this 2-vCPU VM took most of a
     /// round trip (fio 4k randread qd1 on qcow2: p50 86 µs and 8,900 IOPS without,
@@ -84,10 +87,11 @@ struct SocketReader: ~Copyable {
     private static let pollers = Atomic<Int>(0)
     private static let maxPollers = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))) / 2)
 
-    private func receive(into destination: UnsafeMutableRawBufferPointer, atBoundary: Bool) throws(Failure) -> Int {
+    private func receive(into destination: UnsafeMutableRawBufferPointer, atBoundary: Bool,
+                         polling: Bool = false) throws(Failure) -> Int {
         let n: Int
         do {
-            if atBoundary, let polled = try poll(into: destination) {
+            if polling, let polled = try poll(into: destination) {
                 n = polled
             } else {
                 n = try transport.receive(into: destination)

@@ -30,7 +30,7 @@ struct TransmissionReader {
         defer { header.deallocate() }
         while true {
             do throws(SocketReader.Failure) {
-                try reader.readExactly(into: header)
+                try reader.readExactly(into: header, pollingFirst: connection.hasNothingInFlight)
             } catch {
                 return Self.ending(error)
             }
