@@ -25,7 +25,8 @@ struct RequestHandler: @unchecked Sendable {
     let buffers: BufferPool
     let counters: TransferCounters
     let logger: Logger
-    /// Whether reads may answer with file ranges sent by sendfile(2): on plain sockets, not TLS.
+    /// Whether reads may answer with file ranges sent by sendfile(2): on plain sockets (not TLS)
+    /// to remote clients (see `ServerConfiguration.sendfileToLocalPeers`).
     var sendsFileRanges = false
     /// Reads this long and up go out by sendfile(2) when the device offers the range; below it
     /// the copy costs less than the hand-over to the writer thread that sendfile needs.

@@ -178,30 +178,7 @@ final class RefcountManager: @unchecked Sendable {
     /// Sets the refcount of the cluster at `host`, creating its refcount
     /// block (and growing the table) when needed.
     func setRefcount(of host: UInt64, to value: UInt64) throws(DeviceError) {
-        guard !broken else {
-            throw DeviceError(.io, "qcow2: the refcount table could not be moved; writes are refused until reopened")
-        }
-        guard value <= RefcountEntry.maximum(order: order) else {
-            throw DeviceError(.io, "qcow2: refcount \(value) overflows \(1 << order) bits")
-        }
-        let cluster = host >> UInt64(clusterBits)
-        let blockOffset = try ensureBlock(forCluster: cluster)
-        // Changed in place and written through at once: the cached block is
-        // never dirty, so the cache may drop it at any time.
-        let block = try block(at: blockOffset)
-        let index = Int(cluster % entriesPerBlock)
-        let previous = RefcountEntry.get(block.bytes, index: index, order: order)
-        let changed = RefcountEntry.set(&block.bytes, index: index, order: order, value: value)
-        do {
-            try file.writeMetadata(Array(block.bytes[changed]), at: blockOffset + UInt64(changed.lowerBound),
-                                   what: "refcount")
-        } catch {
-            // Keep memory equal to the disk, so a failed write (ENOSPC, EIO) leaves nothing inconsistent.
-            _ = RefcountEntry.set(&block.bytes, index: index, order: order, value: previous)
-            throw error
-        }
-        moveLog?.changed.append((host, previous))
-        if value == 0 { freeCursor = min(freeCursor, cluster) }
+        _ = try setRefcounts(ofClusters: host >> UInt64(clusterBits), count: 1, to: value)
     }
 
     /// Sets the refcount of the clusters from index `first` to `value`: up to
@@ -216,6 +193,8 @@ final class RefcountManager: @unchecked Sendable {
             throw DeviceError(.io, "qcow2: refcount \(value) overflows \(1 << order) bits")
         }
         let blockOffset = try ensureBlock(forCluster: first)
+        // Changed in place and written through at once: the cached block is
+        // never dirty, so the cache may drop it at any time.
         let block = try block(at: blockOffset)
         let start = Int(first % entriesPerBlock)
         let n = Int(min(count, entriesPerBlock - UInt64(start)))
@@ -233,7 +212,7 @@ final class RefcountManager: @unchecked Sendable {
             try file.writeMetadata(Array(block.bytes[changed]), at: blockOffset + UInt64(changed.lowerBound),
                                    what: "refcount")
         } catch {
-            // Keep memory equal to the disk, as in setRefcount.
+            // Keep memory equal to the disk, so a failed write (ENOSPC, EIO) leaves nothing inconsistent.
             block.bytes.replaceSubrange(changed, with: before)
             if moveLog != nil { moveLog!.changed.removeLast(n) }
             throw error
