@@ -163,6 +163,9 @@ public final class Server: @unchecked Sendable {
     /// Connections open now, handshaking or in transmission.
     var connectionCount: Int { controlQueue.sync { connections.count } }
 
+    /// Where each open connection is (tests wait on these rather than on time).
+    var connectionStatuses: [Connection.Status] { controlQueue.sync { connections.values.map(\.status) } }
+
     private func acceptPending(on listener: Socket) {
         while !stopping && !acceptPaused && connections.count < connectionLimit {
             let accepted: (Socket, String, IPAddress?)?

@@ -87,13 +87,19 @@ import Testing
 
     @Test func requestsNotStartedAreDroppedWhenTheClientLeaves() throws {
         let device = GatedDevice(size: 1 << 20)
-        // Four threads, of which one connection may occupy two.
-        let harness = ServerHarness(device) { $0.deviceThreads = 4 }
+        // Four threads, of which one connection may occupy two; a budget that
+        // lets the reader take all 50 requests, so it sees the end of file
+        // while the two reads are still held.
+        let harness = ServerHarness(device) {
+            $0.deviceThreads = 4
+            $0.connectionLimits.maxQueuedBytes = 64 << 20
+        }
         defer { harness.stop() }
         var client: RawClient? = try harness.client()
         try client!.send(Self.reads(50, length: 1 << 20))
         #expect(harness.eventually("two device threads are busy") { device.readsStarted.load(ordering: .relaxed) == 2 })
         client = nil  // closes: the server reads the 48 other requests, then end of file
+        #expect(harness.eventually("the server sees the client gone") { harness.server.connectionStatuses == [.dead] })
         device.open()
         #expect(harness.eventually("the connection ends") { harness.server.connectionCount == 0 })
         #expect(device.readsStarted.load(ordering: .relaxed) == 2, "only the two reads under way ran")
