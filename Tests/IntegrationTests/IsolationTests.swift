@@ -39,7 +39,9 @@ import Testing
         let other = try NBDClient(uri: server.uri)
         for i in 0..<10 { _ = try other.pread(count: 4096, offset: UInt64(i) << 20) }
         let took = ContinuousClock.now - started
-        #expect(took < .seconds(1), "the second client waited \(took)")
+        // Served at once on an idle machine; the bound leaves room for a loaded
+        // one, while a client held back would wait for as long as the first stalls.
+        #expect(took < .seconds(5), "the second client waited \(took)")
         withExtendedLifetime(stalled) {}
     }
 
@@ -58,8 +60,10 @@ import Testing
         let status = server.stop()
         let took = ContinuousClock.now - started
         #expect(status == 0, "server log:\n\(server.log)")
-        // The documented bound: a 2 s grace plus the device work under way.
-        #expect(took < .seconds(4), "SIGTERM took \(took)")
+        // The documented bound is a 2 s grace plus the device work under way (the
+        // flush here); the margin is for a loaded machine. A server that waited
+        // for the stalled client would be killed after 30 s with another status.
+        #expect(took < .seconds(10), "SIGTERM took \(took)")
         let contents = try ImageFactory.rawContents(of: image, format: kind.rawValue, scratch: scratch)
         #expect(Array(contents[(8 << 20)..<(9 << 20)]) == data)
         if kind == .qcow2 { try Tools.check("qemu-img", ["check", "-q", image]) }
@@ -113,7 +117,8 @@ import Testing
         let firstBlock = try other.pread(count: 4096, offset: 0)
         let took = ContinuousClock.now - started
         #expect(firstBlock == [UInt8](repeating: 0x5a, count: 4096))
-        #expect(took < .seconds(1), "the other client waited \(took)")
+        // Without a free device thread it would wait behind 64 block-status scans.
+        #expect(took < .seconds(5), "the other client waited \(took)")
         let memory = try #require(ProcessStats.memory(server.pid))
         #expect(memory.peak < 160 << 20, "peak RSS \(memory.peak >> 20) MiB")
         withExtendedLifetime(client) {}

@@ -207,7 +207,7 @@ import Testing
         let server = try ServerProcess(["-t", "-e", "8", fixture.image])
         var rng = SplitMix(seed: 0x5eed)
         for round in 0..<150 {
-            let raw = try RawClient(port: server.port, timeout: 2)
+            let raw = try RawClient(port: server.port, timeout: 10)
             switch round % 3 {
             case 0:  // garbage instead of client flags and options
                 try? raw.send((0..<Int(rng.next() % 200)).map { _ in UInt8(truncatingIfNeeded: rng.next()) })

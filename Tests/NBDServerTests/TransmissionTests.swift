@@ -57,6 +57,7 @@ import Testing
         let settle = MonotonicClock.now() + 300_000_000
         while MonotonicClock.now() < settle {
             #expect(device.readsStarted.load(ordering: .relaxed) <= 4)
+            usleep(1000)
         }
         // Once the client reads, every request is answered.
         var cookies = Set<UInt64>()
@@ -81,7 +82,8 @@ import Testing
             #expect(try other.receiveSimpleReply()?.error == .ok)
             _ = try other.receive(4096)
         }
-        #expect(MonotonicClock.now() - started < 1_000_000_000)
+        // A client held back would wait until the stalled one read; the bound is room for a loaded machine.
+        #expect(MonotonicClock.now() - started < 5_000_000_000)
         withExtendedLifetime(stalled) {}
     }
 
@@ -146,7 +148,7 @@ import Testing
         let started = MonotonicClock.now()
         harness.stop()
         let took = Double(MonotonicClock.now() - started) / 1e9
-        #expect(took >= 0.4 && took < 2.5, "stopped after \(took) s with a 0.5 s grace")
+        #expect(took >= 0.4 && took < 5, "stopped after \(took) s with a 0.5 s grace")
         withExtendedLifetime(stalled) {}
     }
 }

@@ -110,18 +110,10 @@ import Testing
         let slots = 8, slotBytes = 16 * 1024, lastRound: UInt64 = 200
         let rounds = (0..<slots).map { _ in SlotRounds() }
         let state = RaceState()
-        // Threads of their own: concurrentPerform runs only as many at once as
-        // there are cores, which could let the writers finish before a read.
-        let group = DispatchGroup()
-        for role in 0..<4 {
-            group.enter()
-            Thread {
-                defer { group.leave() }
-                Self.race(role: role, device: device, rounds: rounds, slotBytes: slotBytes, lastRound: lastRound,
-                          state: state)
-            }.start()
+        runTogether(4) { role in
+            Self.race(role: role, device: device, rounds: rounds, slotBytes: slotBytes, lastRound: lastRound,
+                      state: state)
         }
-        group.wait()
         #expect(state.bad.load(ordering: .relaxed) == 0)
         #expect(state.answeredData.load(ordering: .relaxed) > 0)
     }

@@ -48,8 +48,8 @@ import Synchronization
         let device = try QCOW2Device(path: path, readOnly: false)
         defer { device.close() }
         let cluster = 4096, watched = 0..<(256 * 1024), other = (1 << 20)..<(2 << 20)
-        let stop = Atomic(false), bad = Atomic(0)
-        DispatchQueue.concurrentPerform(iterations: 4) { role in
+        let stop = Atomic(false), bad = Atomic(0), reads = Atomic(0)
+        runTogether(4) { role in
             var rng = SplitMix(seed: UInt64(role) + 1)
             var round = 0
             while !stop.load(ordering: .relaxed) {
@@ -71,10 +71,12 @@ import Synchronization
                     let at = Int.random(in: 0..<(watched.count / cluster - 4), using: &rng) * cluster
                     let ok = buffer.withUnsafeMutableBytes { (try? device.read(into: $0, at: UInt64(at))) != nil }
                     if !ok || buffer.contains(0x11) { bad.add(1, ordering: .relaxed) }
+                    reads.add(1, ordering: .relaxed)
                 }
             }
         }
         #expect(bad.load(ordering: .relaxed) == 0)
+        #expect(reads.load(ordering: .relaxed) > 0, "the readers ran while the writers did")
     }
 }
 

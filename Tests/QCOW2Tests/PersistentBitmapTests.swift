@@ -84,11 +84,12 @@ import Testing
         let device = try QCOW2Device(path: path, readOnly: false)
         let threads = 4, blocks = Int(device.size / 4096)
         // Every third 4 KiB block, spread over the threads; a fifth thread flushes.
-        DispatchQueue.concurrentPerform(iterations: threads + 1) { t in
-            if t == threads {
+        runTogether(threads + 1) { role in
+            if role == threads {
                 for _ in 0..<20 { try? device.flush() }
                 return
             }
+            let t = role
             let bytes = [UInt8](repeating: UInt8(t + 1), count: 4096)
             for block in stride(from: t * 3, to: blocks, by: threads * 3) {
                 try? bytes.withUnsafeBytes { try device.write($0, at: UInt64(block * 4096), fua: false) }

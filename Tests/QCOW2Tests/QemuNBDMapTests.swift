@@ -14,22 +14,13 @@ import Testing
         var description: String { "\(offset)+\(length):\(value)" }
     }
 
-    /// Runs qemu-nbd on `path` for one client and returns nbdinfo's map rows.
-    static func qemuMap(_ path: String, context: String, dir: TemporaryDirectory) throws -> [Row] {
-        let socket = dir.file("nbd-\(UUID().uuidString.prefix(8)).sock")
-        // Without -t, qemu-nbd serves one client and exits. (Not --fork: Foundation
-        // never reaps the parent of a daemon and waits forever.)
-        let server = Process()
-        server.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        server.arguments = ["qemu-nbd", "-r", "-f", "qcow2", "-k", socket]
-            + (context == "qemu:allocation-depth" ? ["-A"] : []) + [path]
-        server.standardInput = FileHandle.nullDevice
-        server.standardOutput = FileHandle.nullDevice
-        server.standardError = FileHandle.nullDevice
-        try server.run()
-        defer { if server.isRunning { server.terminate() } }
-        for _ in 0..<500 where !FileManager.default.fileExists(atPath: socket) { usleep(10_000) }
-        let out = try Tools.check("nbdinfo", ["--map=\(context)", "nbd+unix:///?socket=\(socket)"])
+    /// Runs qemu-nbd on `path` and returns nbdinfo's map rows.
+    static func qemuMap(_ path: String, context: String) throws -> [Row] {
+        let server = try QemuNBDProcess(["-t", "-e", "2", "-r", "-f", "qcow2"]
+                                        + (context == "qemu:allocation-depth" ? ["-A"] : []) + [path])
+        defer { server.stop() }
+        _ = try server.connect()  // ready once a client gets through
+        let out = try Tools.check("nbdinfo", ["--map=\(context)", server.uri])
         return merge(out.split(separator: "\n").map { line in
             let f = line.split(separator: " ", omittingEmptySubsequences: true)
             return Row(offset: UInt64(f[0])!, length: UInt64(f[1])!, value: UInt32(f[2])!)
@@ -69,24 +60,24 @@ import Testing
         return merge(rows)
     }
 
-    static func check(_ path: String, dir: TemporaryDirectory) throws {
+    static func check(_ path: String) throws {
         let device = try QCOW2Device(path: path, readOnly: true)
         defer { device.close() }
-        let (a, b) = (try ours(device, depth: false), try qemuMap(path, context: "base:allocation", dir: dir))
+        let (a, b) = (try ours(device, depth: false), try qemuMap(path, context: "base:allocation"))
         #expect(a == b, "ours \(a)\nqemu \(b)")
-        #expect(try ours(device, depth: true) == qemuMap(path, context: "qemu:allocation-depth", dir: dir))
+        #expect(try ours(device, depth: true) == qemuMap(path, context: "qemu:allocation-depth"))
     }
 
     @Test func backingChain() throws {
         let dir = try TemporaryDirectory("qcow2-nbdmap")
-        try Self.check(try ChainAndFeatureTests.makeChain(dir), dir: dir)
+        try Self.check(try ChainAndFeatureTests.makeChain(dir))
     }
 
     @Test func extendedL2Chain() throws {
         let dir = try TemporaryDirectory("qcow2-nbdmap-ext")
         let top = try ChainAndFeatureTests.makeChain(dir, topOptions: ["extended_l2=on"])
         try Q.io(top, ["write -P 0xa1 8k 2k", "write -z 30k 4k", "write -c -P 3 2M 64k"])
-        try Self.check(top, dir: dir)
+        try Self.check(top)
     }
 
     @Test func preallocatedMetadata() throws {
@@ -94,7 +85,7 @@ import Testing
         let path = dir.file("p.qcow2")
         try Q.img(["create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", path, "1M"])
         try Q.io(path, ["write -P 1 0 64k", "write -z 128k 64k"])
-        try Self.check(path, dir: dir)
+        try Self.check(path)
     }
 
     @Test func externalDataFile() throws {
@@ -102,7 +93,7 @@ import Testing
         let path = dir.file("d.qcow2")
         try Q.img(["create", "-q", "-f", "qcow2", "-o", "data_file=\(dir.file("d.data"))", path, Q.diskSize])
         try Q.io(path, Q.contentScript)
-        try Self.check(path, dir: dir)
+        try Self.check(path)
     }
 }
 
@@ -129,7 +120,7 @@ import Testing
         }
         device.close()
         try WriteTests.expectConsistent(top, model: model, dir: dir)
-        try QemuNBDMapTests.check(top, dir: dir)
+        try QemuNBDMapTests.check(top)
         let depth = try QCOW2Device(path: top, readOnly: true)
         defer { depth.close() }
         // 700 KiB lies in a cluster the top never wrote before: only its 2 KiB subcluster is local.

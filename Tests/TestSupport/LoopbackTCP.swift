@@ -1,4 +1,5 @@
 import Glibc
+import Foundation
 import SystemIO
 
 /// Ports on 127.0.0.1, through SystemIO's `Socket`. To talk to a server over a plain socket,
@@ -19,12 +20,28 @@ public enum LoopbackTCP {
         return Listener(socket: socket, port: UInt16(port))
     }
 
-    /// A port nothing listens on right now: listen on port 0, read what the kernel chose, close.
+    /// A port nothing listens on right now, for a server that must be told its port. It is
+    /// taken below the kernel's ephemeral range, so no other test's port-0 listener or outgoing
+    /// connection can take it between this check and the server's bind.
     public static func freePort() throws -> UInt16 {
-        let listener = try listen()
-        listener.close()
-        return listener.port
+        var generator = SystemRandomNumberGenerator()
+        for _ in 0..<100 {
+            let port = UInt16.random(in: ports, using: &generator)
+            guard let socket = try? Socket.listenTCP(host: "127.0.0.1", port: Int(port), backlog: 1).first
+            else { continue }
+            socket.close()
+            return port
+        }
+        throw Errno(EADDRINUSE)
     }
+
+    /// 12,000 ports just below the ephemeral range (32768-60999 by default).
+    private static let ports: ClosedRange<UInt16> = {
+        let text = (try? String(contentsOfFile: "/proc/sys/net/ipv4/ip_local_port_range", encoding: .utf8)) ?? ""
+        let low = text.split(whereSeparator: \.isWhitespace).first.flatMap { Int($0) } ?? 32768
+        let top = max(low - 1, 2048)
+        return UInt16(max(top - 12_000, 1025))...UInt16(top)
+    }()
 
     /// A connection to 127.0.0.1:`port` from another loopback address (Linux routes all of
     /// 127.0.0.0/8 to lo), for tests of address allow-lists.
