@@ -313,6 +313,47 @@ import Testing
 }
 
 extension DirtyRepairTests {
+    /// Bitmap clusters count as references, as qemu-img check counts them:
+    /// the repair keeps the directory, tables and data of every bitmap, the
+    /// one the crash left in use (inconsistent) and a disabled one that
+    /// stays exportable with the bits it had.
+    @Test func repairKeepsBitmapClusters() throws {
+        let dir = try TemporaryDirectory("qcow2-dirty-bitmaps")
+        let path = dir.file("lazy.qcow2")
+        try Q.img(["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4k", path, Q.diskSize])
+        // 512-byte granules: each bitmap's data spans several clusters.
+        try Q.img(["bitmap", "--add", "-g", "512", path, "on"])
+        try Q.img(["bitmap", "--add", "-g", "512", path, "off"])
+        try Q.io(path, Q.contentScript)
+        try Q.img(["bitmap", "--disable", path, "off"])
+        let before = try QCOW2Device(path: path, readOnly: true)
+        let offBits = try before.dirtyBitmapExtents(named: "off", at: 0, length: before.size)
+        before.close()
+        #expect(offBits.contains { $0.dirty }, "the fixture's premise: 'off' has data clusters")
+
+        // Writes, then every write fails from the close on: what a crash leaves.
+        var model = try Q.qemuRaw(path, scratch: dir)
+        let faults = FileFaults()
+        let crashed = try QCOW2Device(path: path, readOnly: false, options: QCOW2Options(opener: faults.opener))
+        try WriteTests.apply(WriteTests.randomOps(count: 20, size: crashed.size, cluster: 4096, seed: 8),
+                             to: crashed, model: &model)
+        faults.writesLeft.store(0, ordering: .relaxed)
+        crashed.close()
+        #expect(try WriteTests.header(path).incompatibleFeatures.contains(.dirty))
+        #expect(try PersistentBitmapTests.inUseCount(path) == 1, "the crash left 'on' in use")
+
+        let device = try QCOW2Device(path: path, readOnly: false)
+        try WriteTests.apply(WriteTests.randomOps(count: 40, size: device.size, cluster: 4096, seed: 9),
+                             to: device, model: &model)
+        device.close()
+        #expect(!(try WriteTests.header(path).incompatibleFeatures.contains(.dirty)))
+        try WriteTests.expectConsistent(path, model: model, dir: dir)
+        #expect(try PersistentBitmapTests.inUseCount(path) == 1, "'on' stays inconsistent, as qemu leaves it")
+        let after = try QCOW2Device(path: path, readOnly: true)
+        defer { after.close() }
+        #expect(try after.dirtyBitmapExtents(named: "off", at: 0, length: after.size) == offBits)
+    }
+
     /// Snapshots share L2 tables (qemu copies only the L1 table): the repair
     /// reads each distinct table once to count references, and the active
     /// ones once more to fix COPIED flags, however many snapshots share them.
