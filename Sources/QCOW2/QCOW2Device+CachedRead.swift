@@ -56,9 +56,7 @@ extension QCOW2Device {
     /// One host-contiguous run, pinned as `read` pins it, but with `tryPin`:
     /// a writer waiting on the range means the read would wait too.
     private func readDataIfCached(into target: UnsafeMutableRawBufferPointer, host: UInt64, guest: UInt64) -> Bool {
-        // Wrapped files (tests) have no descriptor to read without waiting.
-        guard let handle = (dataFile ?? file) as? FileHandle else { return false }
-        guard writable, dataFile == nil else { return handle.readIfCached(into: target, at: host) }
+        guard writable, dataFile == nil else { return (dataFile ?? file).readIfCached(into: target, at: host) }
         let range = host..<host + UInt64(target.count)
         guard hostRanges.tryPin(range) else { return false }
         defer { hostRanges.unpin(range) }
@@ -69,7 +67,7 @@ extension QCOW2Device {
                   case .data(let now) = mapping, now == host + position else { return false }
             position += n
         }
-        return handle.readIfCached(into: target, at: host)
+        return file.readIfCached(into: target, at: host)
     }
 
     /// Unallocated here: the backing file's cached bytes, zeros past its end or without one.

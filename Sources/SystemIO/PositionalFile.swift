@@ -24,10 +24,16 @@ public protocol PositionalFile: Sendable {
     func zeroRange(at offset: UInt64, length: UInt64) throws(Errno)
     /// Hints that a range will be read soon.
     func prefetch(at offset: UInt64, length: UInt64)
+    /// Fills `buffer` only if every byte is in memory already, so the caller
+    /// never waits for storage; false when it would have to.
+    func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool
     func close()
 }
 
 extension PositionalFile {
+    /// Wrapped files (the tests' fault injection) have no descriptor to read without waiting.
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool { false }
+
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(Errno) {
         try read(into: buffer, at: offset, zeroFillPastEOF: false)
     }
