@@ -303,8 +303,15 @@ import Testing
         #expect(try WriteTests.header(path).incompatibleFeatures.contains(.dirty))
         #expect(try Tools.run("qemu-img", ["check", path]).status != 0)
         var model = try Q.qemuRaw(path, scratch: dir)
+        try Self.openRepairedAndWrite(path, model: &model, seed: 5, dir: dir)
+    }
+
+    /// Opens the dirty image read-write (which repairs it), applies random
+    /// writes, closes: the dirty bit is gone and qemu agrees with `model`.
+    static func openRepairedAndWrite(_ path: String, model: inout [UInt8], seed: UInt64,
+                                     dir: TemporaryDirectory) throws {
         let device = try QCOW2Device(path: path, readOnly: false)
-        try WriteTests.apply(WriteTests.randomOps(count: 40, size: device.size, cluster: 4096, seed: 5),
+        try WriteTests.apply(WriteTests.randomOps(count: 40, size: device.size, cluster: 4096, seed: seed),
                              to: device, model: &model)
         device.close()
         #expect(!(try WriteTests.header(path).incompatibleFeatures.contains(.dirty)))
@@ -342,12 +349,7 @@ extension DirtyRepairTests {
         #expect(try WriteTests.header(path).incompatibleFeatures.contains(.dirty))
         #expect(try PersistentBitmapTests.inUseCount(path) == 1, "the crash left 'on' in use")
 
-        let device = try QCOW2Device(path: path, readOnly: false)
-        try WriteTests.apply(WriteTests.randomOps(count: 40, size: device.size, cluster: 4096, seed: 9),
-                             to: device, model: &model)
-        device.close()
-        #expect(!(try WriteTests.header(path).incompatibleFeatures.contains(.dirty)))
-        try WriteTests.expectConsistent(path, model: model, dir: dir)
+        try Self.openRepairedAndWrite(path, model: &model, seed: 9, dir: dir)
         #expect(try PersistentBitmapTests.inUseCount(path) == 1, "'on' stays inconsistent, as qemu leaves it")
         let after = try QCOW2Device(path: path, readOnly: true)
         defer { after.close() }
