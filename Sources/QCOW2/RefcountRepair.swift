@@ -107,10 +107,10 @@ struct RefcountRepair {
     /// The bitmap directory, each bitmap's table and its data clusters, as
     /// `qemu-img check` counts them; in-use (inconsistent) bitmaps too, since
     /// their clusters stay allocated until someone removes them. A stale
-    /// extension (autoclear bit clear) is counted as well: its clusters leak
-    /// rather than being handed out while the header still names them.
+    /// extension (autoclear bit clear: a program without bitmap support wrote
+    /// the image and may have reused those clusters) names nothing, as for qemu.
     private func countBitmaps(_ count: (UInt64, UInt64, UInt64) -> Void) throws(DeviceError) {
-        guard header.hasBitmapsExtension, header.bitmapCount > 0 else { return }
+        guard header.hasBitmapsExtension, header.autoclearFeatures & 1 != 0, header.bitmapCount > 0 else { return }
         let cs = geometry.clusterSize
         let offset = header.bitmapDirectoryOffset, size = header.bitmapDirectorySize
         func refuse(_ what: String) -> DeviceError {
