@@ -54,6 +54,22 @@ enum Bitmaps {
         parseDirectory(directory, count: count)?.map(\.flagsPosition)
     }
 
+    /// Whether the directory lies within the file at a cluster boundary (at most 64 MiB, as qemu allows).
+    static func directoryIsPlaced(offset: UInt64, size: UInt64, fileSize: UInt64, clusterSize: UInt64) -> Bool {
+        size <= 64 << 20 && offset & (clusterSize - 1) == 0 && offset <= fileSize && size <= fileSize - offset
+    }
+
+    /// Whether a bitmap's table lies within the file at a cluster boundary.
+    static func tableIsPlaced(_ entry: BitmapDirectoryEntry, fileSize: UInt64, clusterSize: UInt64) -> Bool {
+        entry.tableOffset != 0 && entry.tableOffset & (clusterSize - 1) == 0 && entry.tableOffset <= fileSize
+            && UInt64(entry.tableSize) * 8 <= fileSize - entry.tableOffset
+    }
+
+    /// Whether a table entry's data cluster (nonzero) lies within the file at a cluster boundary.
+    static func dataClusterIsPlaced(_ host: UInt64, fileSize: UInt64, clusterSize: UInt64) -> Bool {
+        host & (clusterSize - 1) == 0 && host < fileSize
+    }
+
     /// Bytes of bitmap data for a disk of `size` bytes at `granularityBits`.
     static func dataBytes(size: UInt64, granularityBits: Int) -> UInt64 {
         let bits = (size + (1 << UInt64(granularityBits)) - 1) >> UInt64(granularityBits)
@@ -179,8 +195,9 @@ final class PersistentBitmaps: Sendable {
         guard header.hasBitmapsExtension, header.autoclearFeatures & 1 != 0 else { return nil }
         let clusterSize = header.clusterSize, offset = header.bitmapDirectoryOffset
         let directorySize = header.bitmapDirectorySize
-        guard header.bitmapCount > 0, directorySize <= 64 << 20, offset <= fileSize, directorySize <= fileSize - offset,
-              offset & (clusterSize - 1) == 0 else {
+        guard header.bitmapCount > 0,
+              Bitmaps.directoryIsPlaced(offset: offset, size: directorySize, fileSize: fileSize,
+                                        clusterSize: clusterSize) else {
             throw .invalidHeaderExtension(type: QCOW2Header.ExtensionType.bitmaps.rawValue,
                                           reason: "bitmap directory is misplaced")
         }
@@ -249,8 +266,7 @@ final class PersistentBitmaps: Sendable {
         guard UInt64(entry.tableSize) == clusters else {
             return .failure(Unusable("its table has \(entry.tableSize) entries, not the \(clusters) the disk size needs"))
         }
-        guard entry.tableOffset & (clusterSize - 1) == 0, entry.tableOffset != 0, entry.tableOffset <= fileSize,
-              UInt64(entry.tableSize) * 8 <= fileSize - entry.tableOffset else {
+        guard Bitmaps.tableIsPlaced(entry, fileSize: fileSize, clusterSize: clusterSize) else {
             return .failure(Unusable("its table is misplaced"))
         }
         let table = try QCOW2Device.readTable(file, at: entry.tableOffset, entries: Int(entry.tableSize))
@@ -258,7 +274,7 @@ final class PersistentBitmaps: Sendable {
         for (index, tableEntry) in table.enumerated() {
             let host = tableEntry & Bitmaps.tableOffsetMask
             guard tableEntry & ~(Bitmaps.tableOffsetMask | Bitmaps.allOnes) == 0, host == 0 || tableEntry & 1 == 0,
-                  host & (clusterSize - 1) == 0, host < fileSize else {
+                  Bitmaps.dataClusterIsPlaced(host, fileSize: fileSize, clusterSize: clusterSize) else {
                 return .failure(Unusable("its table entry \(index) is invalid"))
             }
             let start = index * Int(clusterSize), count = min(Int(clusterSize), bytes.count - start)

@@ -116,7 +116,7 @@ struct RefcountRepair {
         func refuse(_ what: String) -> DeviceError {
             DeviceError(.io, "the image is dirty and \(what); run 'qemu-img check -r all'")
         }
-        guard size <= 64 << 20, offset & (cs - 1) == 0, offset <= fileSize, size <= fileSize - offset else {
+        guard Bitmaps.directoryIsPlaced(offset: offset, size: size, fileSize: fileSize, clusterSize: cs) else {
             throw refuse("its bitmap directory is misplaced")
         }
         let directory = try open { () throws(QCOW2Error) in
@@ -127,19 +127,17 @@ struct RefcountRepair {
         }
         count(offset, size, 1)
         for entry in entries {
-            let tableBytes = UInt64(entry.tableSize) * 8
-            guard entry.tableOffset != 0, entry.tableOffset & (cs - 1) == 0, entry.tableOffset <= fileSize,
-                  tableBytes <= fileSize - entry.tableOffset else {
+            guard Bitmaps.tableIsPlaced(entry, fileSize: fileSize, clusterSize: cs) else {
                 throw refuse("the table of bitmap '\(entry.name)' is misplaced")
             }
-            count(entry.tableOffset, tableBytes, 1)
+            count(entry.tableOffset, UInt64(entry.tableSize) * 8, 1)
             let table = try open { () throws(QCOW2Error) in
                 try QCOW2Device.readTable(file, at: entry.tableOffset, entries: Int(entry.tableSize))
             }
             for tableEntry in table {
                 let host = tableEntry & Bitmaps.tableOffsetMask
                 guard host != 0 else { continue }
-                guard host & (cs - 1) == 0, host < fileSize else {
+                guard Bitmaps.dataClusterIsPlaced(host, fileSize: fileSize, clusterSize: cs) else {
                     throw refuse("bitmap '\(entry.name)' names a data cluster at \(host)")
                 }
                 count(host, cs, 1)
